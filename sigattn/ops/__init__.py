@@ -1,0 +1,1 @@
+"""Sigmoid-attention operators: public functions, reference twin and Triton kernels."""

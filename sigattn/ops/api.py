@@ -1,0 +1,490 @@
+"""Public sigmoid-attention functions: argument checks, default resolution and the one backend dispatch."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+
+from sigattn.ops import reference
+from sigattn.ops.validation import (
+    BACKENDS,
+    SIGMOID_IMPLS,
+    check_alibi,
+    check_bias,
+    check_choice,
+    check_cu_seqlens,
+    check_flag,
+    check_max_seqlen,
+    check_qkv_heads,
+    check_same,
+    check_scale,
+    check_tensor,
+    check_window,
+)
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on `device`, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'sigattn[gpu]')"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "on CPU the kernels need Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported"
+    return f"no Triton kernels for device type {device.type!r}"
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run on `device` (default: cuda if present, else cpu), best first."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return (["triton"] if _triton_unavailable(device) is None else []) + ["reference"]
+
+
+def _resolve_backend(backend: str, device: torch.device, triton_gap: str | None) -> str:
+    """The one dispatch rule: auto → Triton on CUDA when it can serve the call, else the reference.
+
+    `triton_gap` is why the kernels cannot serve this particular call (a feature or dtype), or None.
+    An explicitly requested backend that cannot serve the call raises; it never falls back.
+    """
+    match backend:
+        case "reference":
+            return "reference"
+        case "triton":
+            reason = _triton_unavailable(device) or triton_gap
+            if reason is not None:
+                raise ValueError(f"backend='triton' cannot serve this call: {reason}")
+            return "triton"
+        case "auto":
+            usable = device.type == "cuda" and _triton_unavailable(device) is None and triton_gap is None
+            return "triton" if usable else "reference"
+    raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+def _dense_triton_gap(q: torch.Tensor) -> str | None:
+    if q.dtype not in TRITON_DTYPES:
+        return f"dtype {q.dtype} (the kernels take float16, bfloat16 and float32)"
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} (the kernels take up to {TRITON_MAX_HEAD_DIM})"
+    return None
+
+
+def _per_head_bias(bias: float | torch.Tensor, nheads: int, device: torch.device) -> torch.Tensor:
+    """The kernels take a float32 (nheads,) bias; gradients flow back to a user tensor through expand."""
+    if isinstance(bias, torch.Tensor):
+        return bias.float().expand(nheads)
+    return torch.full((nheads,), bias, dtype=torch.float32, device=device)
+
+
+def sigmoid_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias: float | torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    sigmoid_impl: str = "fast",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sigmoid attention, ``out = sigmoid(scale * q @ k^T + bias [- alibi]) @ v`` with no row normaliser.
+
+    Arguments (layout as flash_attn_func):
+        q: (batch, seqlen_q, nheads, headdim).
+        k: (batch, seqlen_k, nheads_k, headdim).
+        v: (batch, seqlen_k, nheads_k, headdim).
+            float16, bfloat16, float32 or float64, one dtype and one device for all three.
+            GQA/MQA: nheads must be a multiple of nheads_k; query head h attends with kv head
+            h // (nheads // nheads_k).
+        bias: float, or a tensor of shape () or (nheads,) (learnable: its gradient is returned).
+            None means -log(seqlen_k), the paper's b = -log(n). Modules pass the fixed value of their
+            training length instead.
+        scale: multiplier of q @ k^T. None means 1 / sqrt(headdim).
+        causal: causal mask, aligned to the bottom-right corner when seqlen_q != seqlen_k
+            (as flash_attn). With seqlen_q = 2, seqlen_k = 5 (1 = attend)::
+
+                1 1 1 1 0
+                1 1 1 1 1
+
+            With seqlen_q = 5, seqlen_k = 2 the first three rows see nothing and output 0::
+
+                0 0
+                0 0
+                0 0
+                1 0
+                1 1
+
+        window_size: (left, right) sliding window; query i attends key j iff
+            i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right; -1 = unbounded.
+            causal=True sets right to 0.
+        alibi_slopes: (nheads,) or (batch, nheads); adds -slope * |i + seqlen_k - seqlen_q - j| to the
+            score in full (sigmoid is not shift-invariant, so the row-constant part is kept).
+            Used as float32.
+        deterministic: bitwise-reproducible backward (no atomics) on the Triton backend.
+        sigmoid_impl: "fast" (tanh.approx on GPU) or "accurate" (exp-based). The reference ignores it.
+        backend: "auto" (Triton on CUDA when it serves the call, else the reference), "triton" (CUDA,
+            or CPU under TRITON_INTERPRET=1; raises if it cannot serve the call), "reference".
+
+    Masked positions contribute exactly 0; a query row that sees no key outputs 0.
+
+    Returns:
+        out: (batch, seqlen_q, nheads, headdim), dtype of q.
+    """
+    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_same({"q": q, "k": k, "v": v})
+    b, sq, _, _ = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"q, k and v must share one batch size; got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"k and v must share one seqlen_k; got {k.shape[1]} and {v.shape[1]}")
+    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "q,k,v")
+    sk = k.shape[1]
+    scale = check_scale(scale, d)
+    bias = check_bias(bias, hq, q.device, -math.log(sk) if sk > 0 else 0.0)
+    window = check_window(window_size, causal)
+    alibi = check_alibi(alibi_slopes, b, hq, q.device)
+    check_flag("deterministic", deterministic)
+    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
+    check_choice("backend", backend, BACKENDS)
+    if q.numel() == 0 or sk == 0:
+        return _empty_attention(q, k, v)
+    match _resolve_backend(backend, q.device, _dense_triton_gap(q)):
+        case "triton":
+            from sigattn.ops import custom_ops
+
+            if alibi is not None:
+                alibi = alibi.expand(b, hq).contiguous()
+            return custom_ops.sigmoid_attn_dense(
+                q, k, v, _per_head_bias(bias, hq, q.device), scale, causal, window[0], window[1],
+                alibi, deterministic, sigmoid_impl,
+            )
+        case _:
+            return reference.sigmoid_attn(
+                q, k, v, scale=scale, bias=bias, causal=causal, window_size=window, alibi_slopes=alibi
+            )
+
+
+def _empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The result when a dimension is 0: shaped like q, all zeros, still connected to autograd."""
+    zero = (q.sum() + k.sum() + v.sum()) * 0
+    return torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device) + zero.to(q.dtype)
+
+
+def sigmoid_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    bias: float | torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    sigmoid_impl: str = "fast",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sigmoid attention over a packed batch of variable-length sequences (as flash_attn_varlen_func).
+
+    Arguments:
+        q: (total_q, nheads, headdim), the sequences' queries packed one after another.
+        k: (total_k, nheads_k, headdim).
+        v: (total_k, nheads_k, headdim).
+        cu_seqlens_q: int32 (batch + 1,), starts at 0, non-decreasing, ends at total_q; sequence i is
+            q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]]. Sequences of length 0 are allowed.
+        cu_seqlens_k: int32 (batch + 1,), likewise for k and v, ending at total_k.
+        max_seqlen_q, max_seqlen_k: ints at least the longest sequence of each.
+        bias: float or tensor () / (nheads,). None means -log(seqlen_k) of each sequence, so the call
+            equals running each sequence alone through sigmoid_attn_func with bias=None.
+        scale, causal, window_size, alibi_slopes ((nheads,) or (batch, nheads)), deterministic,
+        sigmoid_impl, backend: as sigmoid_attn_func, per sequence (causal aligned bottom-right within
+            each sequence).
+
+    Backends: the reference today; the Triton varlen kernel is not implemented yet, so backend="triton"
+    raises.
+
+    Returns:
+        out: (total_q, nheads, headdim), dtype of q.
+    """
+    check_tensor("q", q, 3, "(total_q, nheads, headdim)")
+    check_tensor("k", k, 3, "(total_k, nheads_k, headdim)")
+    check_tensor("v", v, 3, "(total_k, nheads_k, headdim)")
+    check_same({"q": q, "k": k, "v": v})
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"k and v must share one total_k; got {k.shape[0]} and {v.shape[0]}")
+    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 1, "q,k,v")
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if len(cu_q) != len(cu_k):
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1); got {len(cu_q)} and {len(cu_k)}"
+        )
+    check_max_seqlen("max_seqlen_q", max_seqlen_q, cu_q)
+    check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k)
+    scale = check_scale(scale, d)
+    bias = None if bias is None else check_bias(bias, hq, q.device, None)
+    window = check_window(window_size, causal)
+    alibi = check_alibi(alibi_slopes, len(cu_q) - 1, hq, q.device)
+    check_flag("deterministic", deterministic)
+    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
+    check_choice("backend", backend, BACKENDS)
+    _resolve_backend(backend, q.device, "the Triton varlen kernel is not implemented yet")
+    return reference.sigmoid_attn_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        scale=scale, bias=bias, causal=causal, window_size=window, alibi_slopes=alibi,
+    )
+
+
+def sigmoid_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    *,
+    cache_seqlens: torch.Tensor | int,
+    bias: float | torch.Tensor,
+    block_table: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+    sigmoid_impl: str = "fast",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sigmoid attention against a KV cache, appending new keys/values in place (as flash_attn_with_kvcache).
+
+    Arguments:
+        q: (batch, seqlen_q, nheads, headdim); seqlen_q is 1 for plain decoding.
+        k_cache, v_cache: contiguous cache (batch, seqlen_cache, nheads_k, headdim), or, with block_table,
+            a paged cache (num_blocks, page_block_size, nheads_k, headdim).
+        k, v: None, or new tokens (batch, seqlen_new, nheads_k, headdim), written into the cache in
+            place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1. Both or neither.
+        cache_seqlens: int32 (batch,) or an int: tokens already in each sequence's cache (not updated).
+            Attention runs over the first cache_seqlens[b] + seqlen_new keys of sequence b, and
+            cache_seqlens + seqlen_new must fit in the cache.
+        bias: required (float or tensor () / (nheads,)): the KV length changes every step, so pass the
+            value the model was trained with.
+        block_table: None, or int32 (batch, max_blocks_per_seq): logical position p of sequence b lives
+            in block block_table[b, p // page_block_size] at offset p % page_block_size.
+        scale, causal (bottom-right aligned to each sequence's new length), window_size, alibi_slopes,
+        sigmoid_impl, backend: as sigmoid_attn_func.
+
+    Backends: the reference today; the Triton decode kernel is not implemented yet, so backend="triton"
+    raises.
+
+    Returns:
+        out: (batch, seqlen_q, nheads, headdim), dtype of q.
+    """
+    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    paged = block_table is not None
+    cache_layout = "(num_blocks, page_block_size, nheads_k, headdim)" if paged else "(batch, seqlen_cache, nheads_k, headdim)"
+    check_tensor("k_cache", k_cache, 4, cache_layout)
+    check_tensor("v_cache", v_cache, 4, cache_layout)
+    tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new tokens to append) or both be None")
+    b, sq, _, _ = q.shape
+    seqlen_new = 0
+    if k is not None:
+        check_tensor("k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
+        check_tensor("v", v, 4, "(batch, seqlen_new, nheads_k, headdim)")
+        tensors |= {"k": k, "v": v}
+        if tuple(k.shape) != tuple(v.shape):
+            raise ValueError(f"k and v must have one shape; got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[0] != b:
+            raise ValueError(f"k must have q's batch size {b}; got shape {tuple(k.shape)}")
+        if tuple(k.shape[2:]) != tuple(k_cache.shape[2:]):
+            raise ValueError(
+                f"k must have (nheads_k, headdim) = {tuple(k_cache.shape[2:])} as k_cache; got {tuple(k.shape[2:])}"
+            )
+        seqlen_new = k.shape[1]
+    check_same(tensors)
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"k_cache and v_cache must have one shape; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    hq, _, d = check_qkv_heads(q.shape, k_cache.shape, v_cache.shape, 2, "q,k_cache,v_cache")
+    if paged:
+        capacity = _check_block_table(block_table, b, k_cache.shape[0], k_cache.shape[1], q.device)
+    else:
+        if k_cache.shape[0] != b:
+            raise ValueError(f"k_cache must have q's batch size {b} in dim 0; got shape {tuple(k_cache.shape)}")
+        capacity = k_cache.shape[1]
+    cache_seqlens = _check_cache_seqlens(cache_seqlens, b, q.device)
+    lens = cache_seqlens.tolist()
+    if any(n < 0 for n in lens):
+        raise ValueError(f"cache_seqlens must be >= 0; got {lens}")
+    if lens and max(lens) + seqlen_new > capacity:
+        raise ValueError(
+            f"cache_seqlens + seqlen_new must fit in the cache ({capacity} positions per sequence); got "
+            f"max(cache_seqlens) = {max(lens)} + {seqlen_new} new tokens"
+        )
+    if paged:
+        _check_block_ids(block_table, lens, seqlen_new, k_cache.shape[1], k_cache.shape[0])
+    scale = check_scale(scale, d)
+    bias = check_bias(bias, hq, q.device, None)
+    window = check_window(window_size, causal)
+    alibi = check_alibi(alibi_slopes, b, hq, q.device)
+    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
+    check_choice("backend", backend, BACKENDS)
+    _resolve_backend(backend, q.device, "the Triton KV-cache decode kernel is not implemented yet")
+    return reference.sigmoid_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, bias=bias, scale=scale,
+        causal=causal, window_size=window, alibi_slopes=alibi, block_table=block_table,
+    )
+
+
+def _check_cache_seqlens(cache_seqlens: object, batch: int, device: torch.device) -> torch.Tensor:
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be an int or an int32 tensor (batch,); got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be int32; got {str(cache_seqlens.dtype).removeprefix('torch.')}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape (batch,) = ({batch},); got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens.device != device:
+        raise ValueError(f"cache_seqlens must be on the inputs' device {device}; got {cache_seqlens.device}")
+    return cache_seqlens
+
+
+def _check_block_table(block_table: object, batch: int, num_blocks: int, page: int, device: torch.device) -> int:
+    """Returns the capacity per sequence, max_blocks_per_seq * page_block_size."""
+    if not isinstance(block_table, torch.Tensor):
+        raise TypeError(f"block_table must be an int32 tensor (batch, max_blocks_per_seq); got {type(block_table).__name__}")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must be int32; got {str(block_table.dtype).removeprefix('torch.')}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(
+            f"block_table must have shape (batch, max_blocks_per_seq) with batch = {batch}; got {tuple(block_table.shape)}"
+        )
+    if block_table.device != device:
+        raise ValueError(f"block_table must be on the inputs' device {device}; got {block_table.device}")
+    if page == 0 or num_blocks == 0:
+        raise ValueError(f"a paged k_cache needs num_blocks > 0 and page_block_size > 0; got ({num_blocks}, {page})")
+    return block_table.shape[1] * page
+
+
+def _check_block_ids(block_table: torch.Tensor, lens: list[int], seqlen_new: int, page: int, num_blocks: int) -> None:
+    """Every block a sequence uses must name a block of the cache."""
+    table = block_table.tolist()
+    for bi, n in enumerate(lens):
+        used = table[bi][: -(-(n + seqlen_new) // page)]
+        bad = [x for x in used if not 0 <= x < num_blocks]
+        if bad:
+            raise ValueError(
+                f"block_table[{bi}] names blocks outside the cache (0 <= id < {num_blocks}): {bad[:4]}"
+            )
+
+
+def scaled_dot_product_sigmoid_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    bias: float | torch.Tensor | None = None,
+    sigmoid_impl: str = "fast",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sigmoid attention with the signature and semantics of F.scaled_dot_product_attention.
+
+    Swap ``F.scaled_dot_product_attention(q, k, v, ...)`` for this function by changing its name.
+
+    Arguments (SDPA layout):
+        query: (batch, nheads, seqlen_q, headdim).
+        key, value: (batch, nheads_k, seqlen_k, headdim); nheads_k != nheads needs enable_gqa=True and
+            nheads a multiple of nheads_k (query head h uses kv head h // (nheads // nheads_k)).
+        attn_mask: None, or a mask broadcastable to (batch, nheads, seqlen_q, seqlen_k): bool
+            (True = attend; False contributes exactly 0) or float of query's dtype (added to the scores).
+        dropout_p: dropout probability on the attention weights, applied whenever > 0 (as SDPA: pass
+            0.0 in eval). Reference backend only.
+        is_causal: causal mask aligned to the TOP-LEFT corner, as SDPA (query i sees keys j <= i);
+            not allowed together with attn_mask.
+        scale: None means 1 / sqrt(headdim).
+        enable_gqa: allow nheads_k != nheads.
+        bias: float or tensor () / (nheads,); None means -log(seqlen_k).
+        sigmoid_impl, backend: as sigmoid_attn_func. Calls with attn_mask, dropout or top-left causal with
+            seqlen_q != seqlen_k go to the reference (backend="triton" raises for them).
+
+    Returns:
+        (batch, nheads, seqlen_q, headdim), dtype of query.
+    """
+    check_tensor("query", query, 4, "(batch, nheads, seqlen_q, headdim)")
+    check_tensor("key", key, 4, "(batch, nheads_k, seqlen_k, headdim)")
+    check_tensor("value", value, 4, "(batch, nheads_k, seqlen_k, headdim)")
+    check_same({"query": query, "key": key, "value": value})
+    check_flag("is_causal", is_causal)
+    check_flag("enable_gqa", enable_gqa)
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(
+            f"query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True for GQA/MQA (as SDPA)"
+        )
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1); got {dropout_p!r}")
+    sq, sk = query.shape[2], key.shape[2]
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError("attn_mask and is_causal cannot be used together (as SDPA)")
+        _check_attn_mask(attn_mask, query, key)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    dense = attn_mask is None and dropout_p == 0.0 and (not is_causal or sq == sk)
+    if dense:
+        out = sigmoid_attn_func(
+            q, k, v, bias=bias, scale=scale, causal=is_causal, sigmoid_impl=sigmoid_impl, backend=backend
+        )
+        return out.transpose(1, 2)
+    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "query,key,value")
+    scale = check_scale(scale, d)
+    bias = check_bias(bias, hq, query.device, -math.log(sk) if sk > 0 else 0.0)
+    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
+    check_choice("backend", backend, BACKENDS)
+    if is_causal:
+        attn_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril()
+    if query.numel() == 0 or sk == 0:
+        return _empty_attention(q, k, v).transpose(1, 2)
+    gap = "attn_mask, dropout and top-left causal with seqlen_q != seqlen_k run on the reference only"
+    _resolve_backend(backend, query.device, gap)
+    out = reference.sigmoid_attn(q, k, v, scale=scale, bias=bias, attn_mask=attn_mask, dropout_p=float(dropout_p))
+    return out.transpose(1, 2)
+
+
+def _check_attn_mask(attn_mask: object, query: torch.Tensor, key: torch.Tensor) -> None:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None; got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+        raise TypeError(
+            f"attn_mask must be bool or query's dtype {str(query.dtype).removeprefix('torch.')}; "
+            f"got {str(attn_mask.dtype).removeprefix('torch.')}"
+        )
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask must be on query's device {query.device}; got {attn_mask.device}")
+    full = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    try:
+        if torch.broadcast_shapes(attn_mask.shape, full) != torch.Size(full):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"attn_mask must broadcast to (batch, nheads, seqlen_q, seqlen_k) = {full}; got {tuple(attn_mask.shape)}"
+        ) from None

@@ -1,0 +1,179 @@
+"""Argument checks for the public functions: each bad input raises a TypeError/ValueError that names it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+SIGMOID_IMPLS = ("fast", "accurate")
+BACKENDS = ("auto", "reference", "triton")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
+    """A floating tensor of rank `ndim`; `layout` names its dims for the error message."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}; got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64; got {_dtype_name(t.dtype)}"
+        )
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}; got shape {tuple(t.shape)}")
+    return t
+
+
+def check_same(tensors: dict[str, torch.Tensor]) -> None:
+    """All tensors share one dtype and one device."""
+    names = list(tensors)
+    first = tensors[names[0]]
+    for n in names[1:]:
+        t = tensors[n]
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{names[0]} and {n} must share one dtype; got {names[0]} {_dtype_name(first.dtype)}, "
+                f"{n} {_dtype_name(t.dtype)}"
+            )
+        if t.device != first.device:
+            raise ValueError(
+                f"{names[0]} and {n} must be on one device; got {names[0]} on {first.device}, "
+                f"{n} on {t.device}"
+            )
+
+
+def check_qkv_heads(
+    q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int], head_axis: int, names: str
+) -> tuple[int, int, int]:
+    """Head dims equal, kv heads equal, nheads_q a multiple of nheads_kv; returns (hq, hkv, headdim)."""
+    qn, kn, vn = names.split(",")
+    d = q_shape[-1]
+    if d == 0:
+        raise ValueError(f"{qn} head dim must be positive; got shape {tuple(q_shape)}")
+    if k_shape[-1] != d or v_shape[-1] != d:
+        raise ValueError(
+            f"{qn}, {kn} and {vn} must share one head dim; got {qn} {d}, {kn} {k_shape[-1]}, "
+            f"{vn} {v_shape[-1]}"
+        )
+    hq, hkv = q_shape[head_axis], k_shape[head_axis]
+    if v_shape[head_axis] != hkv:
+        raise ValueError(f"{kn} and {vn} must have the same number of heads; got {hkv} and {v_shape[head_axis]}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"nheads of {qn} ({hq}) must be a positive multiple of nheads of {kn}/{vn} ({hkv}) (GQA/MQA rule)"
+        )
+    return hq, hkv, d
+
+
+def check_scale(scale: object, head_dim: int) -> float:
+    """None → 1/sqrt(head_dim); otherwise a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale}")
+    return float(scale)
+
+
+def check_bias(bias: object, nheads: int, device: torch.device, default: float | None) -> float | torch.Tensor:
+    """None → `default`; a finite float; or a floating tensor of shape () or (nheads,) on `device`."""
+    if bias is None:
+        if default is None:
+            raise ValueError(
+                "bias is required here: the KV length changes every decode step, so pass the value the model "
+                "was trained with (the paper's b = -log(n) for training length n)"
+            )
+        return default
+    if isinstance(bias, torch.Tensor):
+        if not bias.is_floating_point():
+            raise TypeError(f"bias tensor must be floating point; got {_dtype_name(bias.dtype)}")
+        if bias.device != device:
+            raise ValueError(f"bias must be on the inputs' device {device}; got {bias.device}")
+        if tuple(bias.shape) not in ((), (nheads,)):
+            raise ValueError(f"bias tensor must have shape () or (nheads,) = ({nheads},); got {tuple(bias.shape)}")
+        return bias
+    if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+        raise TypeError(f"bias must be a float, a tensor of shape (nheads,) or None; got {type(bias).__name__}")
+    if not math.isfinite(bias):
+        raise ValueError(f"bias must be finite; got {bias}")
+    return float(bias)
+
+
+def check_window(window_size: object, causal: bool) -> tuple[int, int]:
+    """(left, right) ints ≥ -1 (-1 = unbounded); causal forces right = 0."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints; got {window_size!r}")
+    left, right = window_size
+    for side, w in (("left", left), ("right", right)):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"window_size {side} must be an int; got {type(w).__name__}")
+        if w < -1:
+            raise ValueError(f"window_size {side} must be >= -1 (-1 = unbounded); got {w}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {type(causal).__name__}")
+    return (left, 0 if causal else right)
+
+
+def check_alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.device) -> torch.Tensor | None:
+    """None, or a floating tensor (nheads,) or (batch, nheads) on `device`; returned as float32."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None; got {type(alibi_slopes).__name__}")
+    if not alibi_slopes.is_floating_point():
+        raise TypeError(f"alibi_slopes must be floating point; got {_dtype_name(alibi_slopes.dtype)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on the inputs' device {device}; got {alibi_slopes.device}")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(
+            f"alibi_slopes must have shape (nheads,) = ({nheads},) or (batch, nheads) = ({batch}, {nheads}); "
+            f"got {tuple(alibi_slopes.shape)}"
+        )
+    return alibi_slopes.float()
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    return value
+
+
+def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> list[int]:
+    """int32 1-D, starts at 0, non-decreasing, ends at `total`; returns it as a host list (one sync)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor of shape (batch + 1,); got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32; got {_dtype_name(cu.dtype)}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must have shape (batch + 1,); got {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the inputs' device {device}; got {cu.device}")
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name} must start at 0; got {vals[0]}")
+    if any(b < a for a, b in zip(vals, vals[1:])):
+        raise ValueError(f"{name} must be non-decreasing; got {vals}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the total number of packed tokens ({total}); got {vals[-1]}")
+    return vals
+
+
+def check_max_seqlen(name: str, value: object, cu: list[int]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    longest = max((b - a for a, b in zip(cu, cu[1:])), default=0)
+    if value < longest:
+        raise ValueError(f"{name} ({value}) is smaller than the longest sequence in its cu_seqlens ({longest})")
+    return value

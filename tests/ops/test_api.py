@@ -1,0 +1,354 @@
+"""Public API: every validation error, empty/degenerate shapes, defaults, SDPA semantics and the dispatch rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import sigattn
+from sigattn import (
+    scaled_dot_product_sigmoid_attention,
+    sigmoid_attn_func,
+    sigmoid_attn_varlen_func,
+    sigmoid_attn_with_kvcache,
+)
+from sigattn.ops import api, reference
+
+
+def qkv(b=2, sq=5, sk=7, h=4, hk=2, d=8, dtype=torch.float32):
+    return (
+        torch.randn(b, sq, h, d, dtype=dtype),
+        torch.randn(b, sk, hk, d, dtype=dtype),
+        torch.randn(b, sk, hk, d, dtype=dtype),
+    )
+
+
+def direct(q, k, v, scale, bias, mask=None):
+    """float64 sigmoid attention with an explicit (b|1, h|1, sq, sk) bool mask, written independently."""
+    q, k, v = (t.double() for t in (q, k, v))
+    g = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    bias = torch.as_tensor(bias, dtype=torch.float64).reshape(-1, 1, 1)
+    p = torch.sigmoid(torch.einsum("bqhd,bkhd->bhqk", q, k) * scale + bias)
+    if mask is not None:
+        p = p * mask
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+# --------------------------------------------------------------------------- dense: errors
+BAD_DENSE = [
+    ("int dtype", lambda q, k, v: ((q.long(), k, v), {}), TypeError, "q must be float16"),
+    ("mixed dtype", lambda q, k, v: ((q, k.double(), v), {}), TypeError, "share one dtype"),
+    ("not a tensor", lambda q, k, v: ((q.numpy(), k, v), {}), TypeError, "q must be a torch.Tensor"),
+    ("rank", lambda q, k, v: ((q[0], k, v), {}), ValueError, "q must have 4 dims"),
+    ("head dims", lambda q, k, v: ((q, k[..., :4], v), {}), ValueError, "one head dim"),
+    ("gqa", lambda q, k, v: ((q[:, :, :3], k, v), {}), ValueError, "multiple of nheads"),
+    ("batch", lambda q, k, v: ((q[:1], k, v), {}), ValueError, "batch size"),
+    ("kv len", lambda q, k, v: ((q, k, v[:, :3]), {}), ValueError, "one seqlen_k"),
+    ("bias shape", lambda q, k, v: ((q, k, v), {"bias": torch.zeros(3)}), ValueError, "bias tensor must have shape"),
+    ("bias type", lambda q, k, v: ((q, k, v), {"bias": "x"}), TypeError, "bias must be a float"),
+    ("bias nan", lambda q, k, v: ((q, k, v), {"bias": math.nan}), ValueError, "bias must be finite"),
+    ("bias int tensor", lambda q, k, v: ((q, k, v), {"bias": torch.zeros(4, dtype=torch.long)}), TypeError,
+     "floating point"),
+    ("scale inf", lambda q, k, v: ((q, k, v), {"scale": math.inf}), ValueError, "scale must be finite"),
+    ("scale type", lambda q, k, v: ((q, k, v), {"scale": "1"}), TypeError, "scale must be a float"),
+    ("window < -1", lambda q, k, v: ((q, k, v), {"window_size": (-2, 0)}), ValueError, "window_size left"),
+    ("window len", lambda q, k, v: ((q, k, v), {"window_size": (1,)}), TypeError, "pair"),
+    ("window float", lambda q, k, v: ((q, k, v), {"window_size": (1.0, 2)}), TypeError, "must be an int"),
+    ("alibi shape", lambda q, k, v: ((q, k, v), {"alibi_slopes": torch.ones(3)}), ValueError, "alibi_slopes must have"),
+    ("alibi batch", lambda q, k, v: ((q, k, v), {"alibi_slopes": torch.ones(3, 4)}), ValueError, "(batch, nheads)"),
+    ("causal type", lambda q, k, v: ((q, k, v), {"causal": 1}), TypeError, "causal must be a bool"),
+    ("impl", lambda q, k, v: ((q, k, v), {"sigmoid_impl": "slow"}), ValueError, "sigmoid_impl must be one of"),
+    ("backend", lambda q, k, v: ((q, k, v), {"backend": "cuda"}), ValueError, "backend must be one of"),
+    ("deterministic", lambda q, k, v: ((q, k, v), {"deterministic": None}), TypeError, "deterministic"),
+]
+
+
+@pytest.mark.parametrize("make, exc, msg", [c[1:] for c in BAD_DENSE], ids=[c[0] for c in BAD_DENSE])
+def test_dense_rejects_bad_input(make, exc, msg):
+    args, kwargs = make(*qkv())
+    with pytest.raises(exc, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        sigmoid_attn_func(*args, **kwargs)
+
+
+def test_dense_rejects_mixed_devices():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="one device"):
+        sigmoid_attn_func(q, k.to("meta"), v.to("meta"))
+
+
+def test_bias_on_wrong_device():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="bias must be on"):
+        sigmoid_attn_func(q, k, v, bias=torch.zeros(4, device="meta"))
+
+
+# --------------------------------------------------------------------------- dense: semantics
+def test_defaults_scale_and_bias():
+    q, k, v = qkv(sk=11)
+    out = sigmoid_attn_func(q, k, v)
+    torch.testing.assert_close(out.double(), direct(q, k, v, 1 / math.sqrt(8), -math.log(11)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [0.5, torch.tensor(0.25), torch.randn(4)])
+def test_bias_forms_and_grad(bias):
+    q, k, v = qkv(dtype=torch.float64)
+    if isinstance(bias, torch.Tensor):
+        bias = bias.double().requires_grad_()
+    out = sigmoid_attn_func(q, k, v, bias=bias, scale=0.3)
+    torch.testing.assert_close(out, direct(q, k, v, 0.3, bias.detach() if torch.is_tensor(bias) else bias))
+    if isinstance(bias, torch.Tensor):
+        out.sum().backward()
+        assert bias.grad is not None and bias.grad.shape == bias.shape and torch.isfinite(bias.grad).all()
+
+
+def test_causal_overrides_window_right():
+    q, k, v = qkv(sq=6, sk=6, dtype=torch.float64)
+    a = sigmoid_attn_func(q, k, v, causal=True, window_size=(2, 5))
+    b = sigmoid_attn_func(q, k, v, window_size=(2, 0))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 7), (2, 0, 7), (2, 5, 0)], ids=["batch0", "sq0", "sk0"])
+def test_empty_shapes(shape):
+    b, sq, sk = shape
+    q, k, v = qkv(b=b, sq=sq, sk=sk)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out = sigmoid_attn_func(q, k, v)
+    assert out.shape == (b, sq, 4, 8)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert q.grad is not None and torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_seqlen_one():
+    q, k, v = qkv(sq=1, sk=1, dtype=torch.float64)
+    out = sigmoid_attn_func(q, k, v, causal=True)
+    torch.testing.assert_close(out, direct(q, k, v, 1 / math.sqrt(8), 0.0))
+
+
+# --------------------------------------------------------------------------- dispatch
+def test_available_backends_cpu():
+    backends = sigattn.available_backends("cpu")
+    assert backends[-1] == "reference"
+    assert ("triton" in backends) == (api._triton_unavailable(torch.device("cpu")) is None)
+
+
+def test_auto_on_cpu_uses_reference(monkeypatch):
+    calls = []
+    real = reference.sigmoid_attn
+    monkeypatch.setattr(reference, "sigmoid_attn", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    sigmoid_attn_func(*qkv())
+    assert calls == [1]
+
+
+def test_explicit_triton_never_falls_back():
+    q, k, v = qkv(dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='triton' cannot serve this call"):
+        sigmoid_attn_func(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="varlen"):
+        cu = torch.tensor([0, 5], dtype=torch.int32)
+        sigmoid_attn_varlen_func(q[0], k[0, :5], v[0, :5], cu, cu, 5, 5, backend="triton")
+
+
+def test_triton_without_interpreter_is_explained(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        sigmoid_attn_func(*qkv(), backend="triton")
+
+
+# --------------------------------------------------------------------------- varlen
+def packed(lens_q, lens_k, h=4, hk=2, d=8):
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(lens_q), h, d)
+    k, v = torch.randn(sum(lens_k), hk, d), torch.randn(sum(lens_k), hk, d)
+    return q, k, v, cu_q, cu_k
+
+
+def test_varlen_matches_dense_per_sequence_with_default_bias():
+    lens_q, lens_k = [3, 0, 5, 4], [6, 2, 5, 0]
+    q, k, v, cu_q, cu_k = packed(lens_q, lens_k)
+    out = sigmoid_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 6, causal=True)
+    assert out.shape == q.shape
+    for i in range(4):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        want = sigmoid_attn_func(q[None, qs], k[None, ks], v[None, ks], causal=True)[0]
+        torch.testing.assert_close(out[qs], want)
+
+
+BAD_VARLEN = [
+    ("cu dtype", lambda a: a | {"cu_seqlens_q": a["cu_seqlens_q"].long()}, TypeError, "cu_seqlens_q must be int32"),
+    ("cu decreasing", lambda a: a | {"cu_seqlens_k": torch.tensor([0, 7, 6, 11], dtype=torch.int32)}, ValueError,
+     "non-decreasing"),
+    ("cu length", lambda a: a | {"cu_seqlens_k": torch.tensor([0, 11], dtype=torch.int32)}, ValueError,
+     "same length"),
+    ("cu last", lambda a: a | {"cu_seqlens_q": torch.tensor([0, 1, 2, 3], dtype=torch.int32)}, ValueError,
+     r"cu_seqlens_q\[-1\] must equal"),
+    ("cu start", lambda a: a | {"cu_seqlens_q": torch.tensor([1, 1, 2, 9], dtype=torch.int32)}, ValueError,
+     "must start at 0"),
+    ("cu rank", lambda a: a | {"cu_seqlens_q": a["cu_seqlens_q"][None]}, ValueError, "shape \\(batch \\+ 1,\\)"),
+    ("max_seqlen small", lambda a: a | {"max_seqlen_k": 2}, ValueError, "max_seqlen_k \\(2\\) is smaller"),
+    ("max_seqlen type", lambda a: a | {"max_seqlen_q": 2.0}, TypeError, "max_seqlen_q must be an int"),
+    ("rank", lambda a: a | {"q": a["q"][None]}, ValueError, "q must have 3 dims"),
+    ("alibi batch", lambda a: a | {"alibi_slopes": torch.ones(2, 4)}, ValueError, "alibi_slopes must have"),
+]
+
+
+@pytest.mark.parametrize("edit, exc, msg", [c[1:] for c in BAD_VARLEN], ids=[c[0] for c in BAD_VARLEN])
+def test_varlen_rejects_bad_input(edit, exc, msg):
+    q, k, v, cu_q, cu_k = packed([3, 2, 4], [6, 0, 5])
+    a = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=4, max_seqlen_k=6)
+    a = edit(a)
+    kw = {n: a.pop(n) for n in list(a) if n not in ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k",
+                                                      "max_seqlen_q", "max_seqlen_k")}
+    with pytest.raises(exc, match=msg):
+        sigmoid_attn_varlen_func(a["q"], a["k"], a["v"], a["cu_seqlens_q"], a["cu_seqlens_k"], a["max_seqlen_q"],
+                                 a["max_seqlen_k"], **kw)
+
+
+# --------------------------------------------------------------------------- kv cache
+def cache_args(b=2, sq=1, new=1, cap=16, h=4, hk=2, d=8):
+    return dict(
+        q=torch.randn(b, sq, h, d), k_cache=torch.randn(b, cap, hk, d), v_cache=torch.randn(b, cap, hk, d),
+        k=torch.randn(b, new, hk, d), v=torch.randn(b, new, hk, d),
+        cache_seqlens=torch.tensor([3, 9], dtype=torch.int32)[:b], bias=-2.0,
+    )
+
+
+def test_kvcache_appends_and_attends():
+    a = cache_args(sq=2, new=2)
+    kc0 = a["k_cache"].clone()
+    out = sigmoid_attn_with_kvcache(**a, causal=True)
+    for bi, n in enumerate([3, 9]):
+        assert torch.equal(a["k_cache"][bi, n:n + 2], a["k"][bi])
+        assert torch.equal(a["k_cache"][bi, :n], kc0[bi, :n])
+        kk, vv = a["k_cache"][bi:bi + 1, : n + 2], a["v_cache"][bi:bi + 1, : n + 2]
+        want = sigmoid_attn_func(a["q"][bi:bi + 1], kk, vv, bias=-2.0, causal=True)
+        torch.testing.assert_close(out[bi:bi + 1], want)
+
+
+def paged_args():
+    a = cache_args()
+    a["k_cache"], a["v_cache"] = torch.randn(6, 4, 2, 8), torch.randn(6, 4, 2, 8)
+    a["block_table"] = torch.tensor([[5, 0, 1, 2], [4, 3, 2, 1]], dtype=torch.int32)
+    return a
+
+
+BAD_CACHE = [
+    ("bias missing", lambda a: a | {"bias": None}, ValueError, "bias is required"),
+    ("capacity", lambda a: a | {"cache_seqlens": torch.tensor([3, 16], dtype=torch.int32)}, ValueError,
+     "must fit in the cache"),
+    ("negative len", lambda a: a | {"cache_seqlens": torch.tensor([-1, 2], dtype=torch.int32)}, ValueError, ">= 0"),
+    ("seqlens dtype", lambda a: a | {"cache_seqlens": torch.tensor([3, 9])}, TypeError, "cache_seqlens must be int32"),
+    ("seqlens shape", lambda a: a | {"cache_seqlens": torch.tensor([3], dtype=torch.int32)}, ValueError,
+     "shape \\(batch,\\)"),
+    ("k without v", lambda a: a | {"v": None}, ValueError, "given together"),
+    ("k heads", lambda a: a | {"k": a["k"][:, :, :1], "v": a["v"][:, :, :1]}, ValueError, "nheads_k, headdim"),
+    ("cache batch", lambda a: a | {"k_cache": a["k_cache"][:1], "v_cache": a["v_cache"][:1]}, ValueError,
+     "batch size"),
+    ("cache mismatch", lambda a: a | {"v_cache": a["v_cache"][:, :8]}, ValueError, "one shape"),
+]
+
+
+@pytest.mark.parametrize("edit, exc, msg", [c[1:] for c in BAD_CACHE], ids=[c[0] for c in BAD_CACHE])
+def test_kvcache_rejects_bad_input(edit, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sigmoid_attn_with_kvcache(**edit(cache_args()))
+
+
+BAD_PAGED = [
+    ("table dtype", lambda a: a | {"block_table": a["block_table"].long()}, TypeError, "block_table must be int32"),
+    ("table batch", lambda a: a | {"block_table": a["block_table"][:1]}, ValueError, "block_table must have shape"),
+    ("table ids", lambda a: a | {"block_table": torch.tensor([[5, 0, 1, 2], [4, 9, 2, 1]], dtype=torch.int32)},
+     ValueError, "outside the cache"),
+    ("table capacity", lambda a: a | {"block_table": a["block_table"][:, :2]}, ValueError, "must fit in the cache"),
+]
+
+
+@pytest.mark.parametrize("edit, exc, msg", [c[1:] for c in BAD_PAGED], ids=[c[0] for c in BAD_PAGED])
+def test_paged_rejects_bad_input(edit, exc, msg):
+    with pytest.raises(exc, match=msg):
+        sigmoid_attn_with_kvcache(**edit(paged_args()))
+
+
+def test_paged_matches_contiguous():
+    a = paged_args()
+    out = sigmoid_attn_with_kvcache(**a)
+    for bi, n in enumerate([3, 9]):
+        pos = torch.arange(n + 1)
+        blocks = a["block_table"][bi][pos // 4]
+        kk = a["k_cache"][blocks, pos % 4][None]
+        vv = a["v_cache"][blocks, pos % 4][None]
+        torch.testing.assert_close(out[bi:bi + 1], sigmoid_attn_func(a["q"][bi:bi + 1], kk, vv, bias=-2.0))
+
+
+# --------------------------------------------------------------------------- SDPA form
+def sdpa_qkv(b=2, h=4, hk=4, sq=6, sk=6, d=8):
+    return torch.randn(b, h, sq, d), torch.randn(b, hk, sk, d), torch.randn(b, hk, sk, d)
+
+
+def test_sdpa_form_matches_direct_with_bool_and_float_masks():
+    q, k, v = sdpa_qkv(sk=9)
+    mask = torch.rand(6, 9) > 0.3
+    out = scaled_dot_product_sigmoid_attention(q, k, v, attn_mask=mask, bias=-1.0)
+    want = direct(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1 / math.sqrt(8), -1.0, mask)
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    fmask = torch.where(mask, 0.0, -math.inf)
+    out_f = scaled_dot_product_sigmoid_attention(q, k, v, attn_mask=fmask, bias=-1.0)
+    torch.testing.assert_close(out_f, out)
+
+
+def test_sdpa_form_causal_is_top_left():
+    q, k, v = sdpa_qkv(sq=3, sk=7)
+    out = scaled_dot_product_sigmoid_attention(q, k, v, is_causal=True)
+    mask = torch.ones(3, 7, dtype=torch.bool).tril()
+    want = direct(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 1 / math.sqrt(8), -math.log(7), mask)
+    torch.testing.assert_close(out.double(), want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_form_square_causal_uses_dense_path():
+    q, k, v = sdpa_qkv()
+    out = scaled_dot_product_sigmoid_attention(q, k, v, is_causal=True)
+    want = sigmoid_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+
+
+def test_sdpa_form_dropout_zeroes_weights():
+    q, k, v = sdpa_qkv(sq=64, sk=64)
+    v = torch.ones_like(v)
+    out = scaled_dot_product_sigmoid_attention(q, k, v, dropout_p=0.5, bias=100.0)
+    # weights are all sigmoid(big) = 1 before dropout: each output is 2 * (number of kept keys)
+    kept = out[..., 0] / 2
+    assert torch.allclose(kept, kept.round()) and 0.4 < kept.mean().item() / 64 < 0.6
+
+
+BAD_SDPA = [
+    ("gqa flag", lambda q, k, v: ((q, k[:, :2], v[:, :2]), {}), ValueError, "enable_gqa=True"),
+    ("mask and causal", lambda q, k, v: ((q, k, v), {"attn_mask": torch.ones(6, 6, dtype=torch.bool),
+                                                     "is_causal": True}), ValueError, "cannot be used together"),
+    ("mask dtype", lambda q, k, v: ((q, k, v), {"attn_mask": torch.ones(6, 6, dtype=torch.float64)}), TypeError,
+     "attn_mask must be bool or query's dtype"),
+    ("mask shape", lambda q, k, v: ((q, k, v), {"attn_mask": torch.ones(5, 6, dtype=torch.bool)}), ValueError,
+     "attn_mask must broadcast"),
+    ("dropout", lambda q, k, v: ((q, k, v), {"dropout_p": 1.0}), ValueError, "dropout_p must be"),
+    ("rank", lambda q, k, v: ((q[0], k, v), {}), ValueError, "query must have 4 dims"),
+]
+
+
+@pytest.mark.parametrize("make, exc, msg", [c[1:] for c in BAD_SDPA], ids=[c[0] for c in BAD_SDPA])
+def test_sdpa_form_rejects_bad_input(make, exc, msg):
+    args, kwargs = make(*sdpa_qkv())
+    with pytest.raises(exc, match=msg):
+        scaled_dot_product_sigmoid_attention(*args, **kwargs)
+
+
+def test_sdpa_form_gqa_and_masked_triton_raises():
+    q, k, v = sdpa_qkv(hk=2)
+    out = scaled_dot_product_sigmoid_attention(q, k, v, enable_gqa=True)
+    assert out.shape == q.shape
+    with pytest.raises(ValueError, match="reference only"):
+        scaled_dot_product_sigmoid_attention(q, k, v, enable_gqa=True, dropout_p=0.1, backend="triton")
