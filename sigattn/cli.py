@@ -38,7 +38,8 @@ def _versions() -> dict[str, str]:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = f"{props.name} ({props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
-        info["capability"] = "sm_%d%d" % torch.cuda.get_device_capability(0)
+        major, minor = torch.cuda.get_device_capability(0)
+        info["capability"] = f"sm_{major}{minor}"
     else:
         info["gpu"] = "none"
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "")
