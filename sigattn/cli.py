@@ -1,4 +1,4 @@
-"""The `sigattn` command line: info, check, bench and demo."""
+"""The `sigattn` command line: info, check, bench, diagnose and demo."""
 
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: on whatever device is here, a short correctness check and a short benchmark."""
+    from sigattn.analysis.cli import quick_diagnose
     from sigattn.bench.run import quick_bench
 
     device = _device(args.device)
@@ -114,11 +115,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"({time.perf_counter() - t0:.1f} s)\n")
     print("== speed: a short benchmark ==")
     quick_bench(torch.device(device))
+    print("\n== attention statistics at init: bias -log n vs 0 (row sums ~1 vs ~n/2), sequence doubling ==")
+    quick_diagnose(device)
     print("\nFull runs: `sigattn check`, `sigattn bench` (see BENCHMARKS.md for GPU results).")
     return 0 if ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sigattn.analysis import cli as diagnose_cli
     from sigattn.bench import run
 
     parser = argparse.ArgumentParser(prog="sigattn", description=__doc__)
@@ -135,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark sweep against SDPA softmax baselines and peers")
     run.add_arguments(p)
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser(
+        "diagnose", help="per-layer attention statistics at init; --theory adds the regularity/doubling checks"
+    )
+    diagnose_cli.add_arguments(p)
+    p.set_defaults(func=diagnose_cli.main)
     p = sub.add_parser("demo", help="the main job: a short check and a short benchmark on this device")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
