@@ -1,0 +1,110 @@
+"""torch.library custom ops around the Triton kernels (fake impls + autograd), so torch.compile traces them whole."""
+
+from __future__ import annotations
+
+import torch
+
+from sigattn.ops.backward import sigmoid_attn_bwd
+from sigattn.ops.forward import sigmoid_attn_fwd
+
+
+@torch.library.custom_op("sigattn::dense_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def dense_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+) -> torch.Tensor:
+    """Forward kernel; `deterministic` is only carried to the backward."""
+    return sigmoid_attn_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl)
+
+
+@dense_fwd.register_fake
+def _(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("sigattn::dense_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def dense_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward kernels: (dq, dk, dv, dbias fp32 (Hq,)); dbias is zeros unless need_dbias (its reduction is
+    skipped then: the paper's fixed b = -log n needs no gradient)."""
+    return sigmoid_attn_bwd(
+        do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl,
+        need_dbias=need_dbias,
+    )
+
+
+@dense_bwd.register_fake
+def _(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl,
+      need_dbias):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        q.new_empty((q.shape[2],), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl = inputs
+    ctx.save_for_backward(q, k, v, bias, alibi_slopes)
+    ctx.args = (scale, causal, window_left, window_right, deterministic, sigmoid_impl)
+
+
+def _backward(ctx, do: torch.Tensor):
+    q, k, v, bias, alibi_slopes = ctx.saved_tensors
+    scale, causal, window_left, window_right, deterministic, sigmoid_impl = ctx.args
+    need_dbias = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dbias = dense_bwd(
+        do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl,
+        need_dbias,
+    )
+    return dq, dk, dv, (dbias.to(bias.dtype) if need_dbias else None), None, None, None, None, None, None, None
+
+
+dense_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sigmoid_attn_dense(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+) -> torch.Tensor:
+    """Dense sigmoid attention through the custom op (arguments validated by sigattn.ops.api).
+
+    q (B, Nq, Hq, D); k, v (B, Nk, Hkv, D), Hq % Hkv == 0; bias float32 (Hq,) (differentiable);
+    alibi_slopes float32 (B, Hq) or None; causal bottom-right aligned; window -1 = unbounded.
+    Returns (B, Nq, Hq, D) in q's dtype; the backward returns gradients for q, k, v and bias.
+    """
+    return dense_fwd(
+        q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl
+    )

@@ -1,0 +1,260 @@
+"""Triton forward/backward kernels against the float64 reference (interpreter on CPU, real kernels on GPU)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from sigattn.ops.backward import sigmoid_attn_bwd
+from sigattn.ops.configs import forward_config
+from sigattn.ops.forward import sigmoid_attn_fwd
+from sigattn.ops.reference import alibi_bias, sigmoid_attn, visible_mask
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+
+
+def make_inputs(b, sq, sk, hq, hkv, d, dtype, device, alibi=False, bias_mean=None):
+    q = torch.randn(b, sq, hq, d, dtype=dtype, device=device)
+    k = torch.randn(b, sk, hkv, d, dtype=dtype, device=device)
+    v = torch.randn(b, sk, hkv, d, dtype=dtype, device=device)
+    # The paper's b = -log n plus per-head spread, so weights span ~1e-3..0.5 as in training.
+    mean = -math.log(max(sk, 2)) if bias_mean is None else bias_mean
+    bias = mean + torch.randn(hq, dtype=torch.float32, device=device)
+    slopes = torch.rand(b, hq, dtype=torch.float32, device=device) * 0.5 if alibi else None
+    do = torch.randn(b, sq, hq, d, dtype=dtype, device=device)
+    return q, k, v, bias, slopes, do
+
+
+def torch_lowp(q, k, v, bias, scale, causal, window, slopes):
+    """The same math as the kernels, done by PyTorch in the inputs' dtype: the error budget's yardstick."""
+    dt = q.dtype
+    g = q.shape[2] // k.shape[2]
+    kk, vv = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, kk) * scale + bias.to(dt)[None, :, None, None]
+    if slopes is not None:
+        s = s + alibi_bias(slopes, q.shape[1], k.shape[1]).to(dt)
+    p = torch.sigmoid(s)
+    vis = visible_mask(q.shape[1], k.shape[1], causal, window, device=q.device)
+    p = torch.where(vis, p, torch.zeros((), dtype=dt, device=q.device))
+    return torch.einsum("bhij,bjhd->bihd", p, vv)
+
+
+def grads(fn, tensors, do):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(do.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def max_err(x, ref):
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def check_against_reference(b, sq, sk, hq, hkv, d, dtype, device, causal=False, window=(-1, -1),
+                            alibi=False, impl="accurate", factor=3.0, bias_mean=None, deterministic=False):
+    q, k, v, bias, slopes, do = make_inputs(b, sq, sk, hq, hkv, d, dtype, device, alibi, bias_mean)
+    scale = d**-0.5
+    left, right = window
+
+    out = sigmoid_attn_fwd(q, k, v, bias, scale, causal, left, right, slopes, impl)
+    dq, dk, dv, dbias = sigmoid_attn_bwd(do, q, k, v, bias, scale, causal, left, right, slopes, deterministic, impl)
+    ours = [out, dq, dk, dv, dbias]
+
+    win = (left, 0 if causal else right)
+    ref = grads(
+        lambda q_, k_, v_, b_: sigmoid_attn(
+            q_, k_, v_, scale=scale, bias=b_, causal=causal, window_size=win,
+            alibi_slopes=None if slopes is None else slopes.double(),
+        ),
+        [t.double() for t in (q, k, v, bias)],
+        do.double(),
+    )
+    lowp = grads(
+        lambda q_, k_, v_, b_: torch_lowp(q_, k_, v_, b_, scale, causal, win, slopes),
+        [q, k, v, bias.to(dtype)],
+        do,
+    )
+    names = ["out", "dq", "dk", "dv", "dbias"]
+    # Terms each entry sums: the floor of rounding error grows like sqrt(terms) ulps.
+    terms = [sk, sk, sq * hq // hkv, sq * hq // hkv, b * sq * sk]
+    for name, x, r, lp, n in zip(names, ours, ref, lowp, terms):
+        assert x.shape == r.shape, name
+        assert torch.isfinite(x).all(), f"{name}: non-finite (unwritten) entries"
+        # 2 + sqrt(terms) ulps of the largest reference value: the floor when PyTorch's own error is ~0
+        # (fp32 on GPU runs 3xTF32 products, a few ulps off fp32).
+        atol = torch.finfo(dtype).eps * r.abs().max().item() * (2 + math.sqrt(n))
+        err, budget = max_err(x, r), factor * max_err(lp, r) + atol
+        assert err <= budget, f"{name}: max err {err:.3e} > {budget:.3e} (torch {dtype} err {max_err(lp, r):.3e})"
+
+
+CASES = [
+    # b, sq, sk, hq, hkv, d, causal, window, alibi
+    (1, 17, 17, 2, 1, 32, False, (-1, -1), False),
+    (2, 63, 63, 2, 2, 32, True, (-1, -1), False),
+    (1, 17, 63, 4, 1, 32, True, (-1, -1), False),
+    (1, 63, 17, 2, 1, 32, True, (-1, -1), False),
+    (1, 1, 129, 2, 2, 16, True, (-1, -1), False),
+    (1, 129, 1, 2, 1, 16, False, (-1, -1), False),
+    (1, 63, 63, 4, 2, 32, False, (8, 5), False),
+    (1, 40, 63, 2, 1, 32, True, (16, -1), True),
+    (2, 33, 47, 4, 4, 32, False, (-1, -1), True),
+    (1, 33, 33, 2, 1, 48, True, (-1, -1), False),
+]
+
+
+@pytest.mark.parametrize("b,sq,sk,hq,hkv,d,causal,window,alibi", CASES)
+@pytest.mark.parametrize("dtype,deterministic", [(torch.float16, False), (torch.float32, True)])
+def test_dense_matches_reference(b, sq, sk, hq, hkv, d, causal, window, alibi, dtype, deterministic, device):
+    """deterministic=False: fused dK/dV/dQ kernel with dQ atomics; True: the two atomic-free kernels."""
+    check_against_reference(b, sq, sk, hq, hkv, d, dtype, device, causal, window, alibi, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_sigmoid_matches_reference(causal, device):
+    check_against_reference(1, 47, 47, 2, 1, 32, torch.float16, device, causal=causal, impl="fast")
+
+
+def test_dbias_skipped_when_not_needed(device):
+    """need_dbias=False skips the reduction: dbias is zeros and dq/dk/dv are unchanged."""
+    q, k, v, bias, _, do = make_inputs(1, 33, 33, 2, 1, 16, torch.float32, device)
+    full = sigmoid_attn_bwd(do, q, k, v, bias, 0.25, True, -1, 0, None, True, "accurate")
+    lean = sigmoid_attn_bwd(do, q, k, v, bias, 0.25, True, -1, 0, None, True, "accurate", need_dbias=False)
+    for x, y in zip(full[:3], lean[:3]):
+        assert torch.equal(x, y)
+    assert (lean[3] == 0).all() and (full[3] != 0).all()
+
+
+def test_rows_without_keys_are_zero(device):
+    """Causal with seqlen_q > seqlen_k: the first sq - sk queries see no key and output exactly 0."""
+    q, k, v, bias, _, do = make_inputs(1, 40, 9, 2, 1, 16, torch.float32, device)
+    out = sigmoid_attn_fwd(q, k, v, bias, 0.25, True, -1, 0, None, "accurate")
+    assert (out[:, :31] == 0).all()
+    dq, *_ = sigmoid_attn_bwd(do, q, k, v, bias, 0.25, True, -1, 0, None, False, "accurate")
+    assert (dq[:, :31] == 0).all()
+
+
+def test_strided_inputs(device):
+    """q, k, v as views into one packed (b, n, 3, h, d) tensor, and a transposed dO."""
+    qkv = torch.randn(1, 33, 3, 2, 32, dtype=torch.float32, device=device)
+    q, k, v = qkv.unbind(2)
+    do = torch.randn(1, 2, 33, 32, dtype=torch.float32, device=device).transpose(1, 2)
+    bias = torch.randn(2, device=device) - 3
+    out = sigmoid_attn_fwd(q, k, v, bias, 0.2, True, -1, 0, None, "accurate")
+    got = sigmoid_attn_bwd(do, q, k, v, bias, 0.2, True, -1, 0, None, True, "accurate")
+    qc, kc, vc, doc = (t.contiguous() for t in (q, k, v, do))
+    want = sigmoid_attn_bwd(doc, qc, kc, vc, bias, 0.2, True, -1, 0, None, True, "accurate")
+    assert torch.equal(out, sigmoid_attn_fwd(qc, kc, vc, bias, 0.2, True, -1, 0, None, "accurate"))
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+def test_deterministic_backward_is_bitwise_reproducible(device):
+    q, k, v, bias, slopes, do = make_inputs(1, 45, 45, 4, 2, 32, torch.float16, device, alibi=True)
+    runs = [sigmoid_attn_bwd(do, q, k, v, bias, 0.17, True, -1, 0, slopes, True, "accurate") for _ in range(2)]
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tma_path_matches_pointer_path(causal, device):
+    """The TMA-descriptor forward (Hopper default) computes what the pointer forward does, batch edges included."""
+    q, k, v, bias, slopes, _ = make_inputs(2, 37, 45, 4, 2, 32, torch.float16, device, alibi=True)
+    args = (q, k, v, bias, 0.2, causal, -1, 0 if causal else -1, slopes, "accurate")
+    tma = sigmoid_attn_fwd(*args, use_tma=True)
+    ptr = sigmoid_attn_fwd(*args, use_tma=False)
+    torch.testing.assert_close(tma, ptr, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("sq,sk", [(40, 40), (16, 50), (33, 16)])
+def test_pipelined_forward_matches_plain(sq, sk, device):
+    """pipeline_qk=True (next tile's q k^T issued before this tile's sigmoid) computes the same forward."""
+    q, k, v, bias, slopes, _ = make_inputs(1, sq, sk, 2, 1, 32, torch.float16, device, alibi=True)
+    base = forward_config(32, q.dtype, q.device, False)
+    args = (q, k, v, bias, 0.2, False, 20, -1, slopes, "accurate")
+    plain = sigmoid_attn_fwd(*args, config=replace(base, pipeline_qk=False))
+    piped = sigmoid_attn_fwd(*args, config=replace(base, pipeline_qk=True))
+    torch.testing.assert_close(piped, plain, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_block_major_grid_order_same_result(deterministic, device):
+    """block_major=True only reorders programs: forward and deterministic backward are bitwise unchanged."""
+    q, k, v, bias, _, do = make_inputs(2, 40, 40, 2, 1, 16, torch.float32, device)
+    base = forward_config(16, q.dtype, q.device, True)
+    major = replace(base, block_major=True)
+    fwd = [sigmoid_attn_fwd(q, k, v, bias, 0.2, True, -1, 0, None, "accurate", config=c) for c in (base, major)]
+    assert torch.equal(*fwd)
+    bwd = [sigmoid_attn_bwd(do, q, k, v, bias, 0.2, True, -1, 0, None, deterministic, "accurate", configs=(c, c))
+           for c in (base, major)]
+    for x, y in zip(*bwd):
+        torch.testing.assert_close(x, y, rtol=0, atol=0 if deterministic else 1e-5)
+
+
+# ---- GPU only: bf16, real tile sizes, long sequences, 64-bit addressing ----
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [32, 64, 96, 128, 192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("impl", ["accurate", "fast"])
+def test_gpu_bf16_head_dims(d, causal, impl, device):
+    check_against_reference(2, 300, 300, 4, 2, d, torch.bfloat16, device, causal=causal, impl=impl)
+    check_against_reference(2, 300, 300, 4, 2, d, torch.bfloat16, device, causal=causal, impl=impl,
+                            deterministic=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_features(case, dtype, deterministic, device):
+    b, sq, sk, hq, hkv, d, causal, window, alibi = case
+    check_against_reference(b, sq, sk, hq, hkv, d, dtype, device, causal, window, alibi, deterministic=deterministic)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("impl", ["accurate", "fast"])
+def test_gpu_long_sequence(causal, impl, device):
+    check_against_reference(1, 4096, 4096, 2, 1, 128, torch.bfloat16, device, causal=causal, impl=impl)
+    check_against_reference(1, 4100, 4099, 4, 1, 64, torch.bfloat16, device, causal=causal, impl=impl,
+                            deterministic=True)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_large(device):
+    q, k, v, bias, slopes, do = make_inputs(2, 1000, 1000, 8, 2, 64, torch.bfloat16, device)
+    runs = [sigmoid_attn_bwd(do, q, k, v, bias, 0.125, False, -1, -1, None, True, "fast") for _ in range(2)]
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_addressing(device):
+    """B*N*H*D > 2^31 elements: the last batch (highest addresses) matches the reference."""
+    b, n, h, d = 1040, 256, 64, 128  # 2.18e9 elements per tensor
+    assert b * n * h * d > 2**31
+    q = torch.randn(b, n, h, d, dtype=torch.bfloat16, device=device)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    bias = torch.full((h,), -math.log(n), device=device)
+    out = sigmoid_attn_fwd(q, k, v, bias, d**-0.5, True, -1, 0, None, "fast")
+    ref = sigmoid_attn(q[-1:].double(), k[-1:].double(), v[-1:].double(), scale=d**-0.5, bias=-math.log(n),
+                       causal=True)
+    assert torch.isfinite(out[-1]).all()
+    assert max_err(out[-1:], ref) < 0.02 * ref.abs().max().item()
+    del out
+    do = torch.randn_like(q)
+    dq, dk, dv, _ = sigmoid_attn_bwd(do, q, k, v, bias, d**-0.5, True, -1, 0, None, True, "fast")
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g[-1]).all()
+
