@@ -27,6 +27,8 @@ from sigattn.ops.validation import (
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
+# tl.dot needs K >= 16: smaller head dims fail to compile on the GPU (seen on H100, head dim 8).
+TRITON_MIN_HEAD_DIM = 16
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
@@ -73,8 +75,8 @@ def _resolve_backend(backend: str, device: torch.device, triton_gap: str | None)
 def _dense_triton_gap(q: torch.Tensor) -> str | None:
     if q.dtype not in TRITON_DTYPES:
         return f"dtype {q.dtype} (the kernels take float16, bfloat16 and float32)"
-    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
-        return f"head dim {q.shape[-1]} (the kernels take up to {TRITON_MAX_HEAD_DIM})"
+    if not TRITON_MIN_HEAD_DIM <= q.shape[-1] <= TRITON_MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} (the kernels take {TRITON_MIN_HEAD_DIM} to {TRITON_MAX_HEAD_DIM})"
     return None
 
 

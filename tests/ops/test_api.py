@@ -352,3 +352,9 @@ def test_sdpa_form_gqa_and_masked_triton_raises():
     assert out.shape == q.shape
     with pytest.raises(ValueError, match="reference only"):
         scaled_dot_product_sigmoid_attention(q, k, v, enable_gqa=True, dropout_p=0.1, backend="triton")
+
+
+def test_triton_refuses_head_dim_below_16():
+    q, k, v = qkv(d=8)
+    with pytest.raises(ValueError, match="head dim 8"):
+        sigmoid_attn_func(q, k, v, backend="triton")
