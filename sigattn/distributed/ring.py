@@ -1,0 +1,261 @@
+"""Ring context parallelism: K/V shards travel peer to peer while each rank attends to the shard in hand."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sigattn.distributed.sharding import PairBlock, pair_plan
+from sigattn.ops.api import sigmoid_attn_func
+
+# One tag per stream of messages, so gloo never matches a K buffer against a dK receive (NCCL ignores tags).
+TAG_K, TAG_V, TAG_DK, TAG_DV = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class LocalArgs:
+    """The sigmoid_attn_func arguments every local call of one context-parallel call shares."""
+
+    scale: float
+    deterministic: bool
+    sigmoid_impl: str
+    backend: str
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Partial outputs and gradients are summed in fp32 (fp64 for fp64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: float | torch.Tensor,
+    blocks: Sequence[PairBlock],
+    args: LocalArgs,
+    out: torch.Tensor,
+) -> None:
+    """Adds the blocks' attention outputs into `out` (fp32, shaped like q's rows): the partial over this K/V."""
+    for b in blocks:
+        o = sigmoid_attn_func(
+            q[:, b.q_start : b.q_end], k[:, : b.kv_end], v[:, : b.kv_end], bias=bias, scale=args.scale,
+            causal=b.causal, deterministic=args.deterministic, sigmoid_impl=args.sigmoid_impl, backend=args.backend,
+        )
+        out[:, b.q_start : b.q_end] += o
+
+
+def block_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: float | torch.Tensor,
+    do: torch.Tensor,
+    block: PairBlock,
+    args: LocalArgs,
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv[, dbias]) of one block, in the inputs' dtypes: dq for its query rows, dk/dv for its key prefix.
+
+    The block re-runs sigmoid_attn_func on detached leaves and differentiates it, so the public function
+    stays the only way into the kernels. The cost is one extra forward per block, 1 of the block's
+    1 + 1 + 2.5 forward units; a public backward entry point would remove it (sigmoid attention's
+    backward needs only q, k, v, dO: no saved output, no LSE).
+    """
+    with torch.enable_grad():
+        leaves = [
+            q[:, block.q_start : block.q_end].detach().requires_grad_(),
+            k[:, : block.kv_end].detach().requires_grad_(),
+            v[:, : block.kv_end].detach().requires_grad_(),
+        ]
+        bias_leaf = bias
+        if isinstance(bias, torch.Tensor):
+            bias_leaf = bias.detach().requires_grad_()
+            leaves.append(bias_leaf)
+        o = sigmoid_attn_func(
+            leaves[0], leaves[1], leaves[2], bias=bias_leaf, scale=args.scale, causal=block.causal,
+            deterministic=args.deterministic, sigmoid_impl=args.sigmoid_impl, backend=args.backend,
+        )
+        return torch.autograd.grad(o, leaves, do[:, block.q_start : block.q_end])
+
+
+def attend_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: float | torch.Tensor,
+    do: torch.Tensor,
+    blocks: Sequence[PairBlock],
+    args: LocalArgs,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    dbias: torch.Tensor | None,
+) -> None:
+    """Adds the blocks' gradients into dq, dk, dv (and dbias when bias is a tensor), fp32 accumulators."""
+    for b in blocks:
+        grads = block_grads(q, k, v, bias, do, b, args)
+        dq[:, b.q_start : b.q_end] += grads[0]
+        dk[:, : b.kv_end] += grads[1]
+        dv[:, : b.kv_end] += grads[2]
+        if dbias is not None:
+            dbias += grads[3]
+
+
+def pair_kv_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: float | torch.Tensor,
+    do: torch.Tensor,
+    blocks: Sequence[PairBlock],
+    args: LocalArgs,
+    dq: torch.Tensor,
+    dbias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shard pair's (dk, dv), shaped like k and v, adding its dq (and dbias) into the fp32 accumulators.
+
+    dk/dv stay in k's dtype when one block makes them (every zigzag and contiguous pair): a single
+    contribution, rounded once, as the kernel returns it. Several blocks are summed in fp32.
+    """
+    if len(blocks) == 1 and blocks[0].kv_end == k.shape[1]:
+        grads = block_grads(q, k, v, bias, do, blocks[0], args)
+        dq[:, blocks[0].q_start : blocks[0].q_end] += grads[0]
+        if dbias is not None:
+            dbias += grads[3]
+        return grads[1], grads[2]
+    dtype = k.dtype if len(blocks) == 1 else accumulation_dtype(k.dtype)
+    dk = torch.zeros(k.shape, dtype=dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=dtype, device=v.device)
+    attend_grads(q, k, v, bias, do, blocks, args, dq, dk, dv, dbias)
+    return dk, dv
+
+
+@dataclass
+class Transfer:
+    """One posted exchange. It keeps its send buffers alive until ``wait`` (the transfer reads them meanwhile)."""
+
+    sent: list[torch.Tensor]
+    received: list[torch.Tensor]
+    works: list[Any]
+
+    def wait(self) -> list[torch.Tensor]:
+        """The received tensors. On CUDA the current stream waits for the transfer; on CPU this call blocks."""
+        for w in self.works:
+            w.wait()
+        self.sent = []
+        return self.received
+
+
+class Ring:
+    """This rank's place in a process group seen as a ring: sends go to rank + 1, receives come from rank - 1."""
+
+    def __init__(self, group: dist.ProcessGroup | None) -> None:
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        # P2POp takes global ranks; in a sub-group (one CP group per data-parallel replica) they differ.
+        whole = group if group is not None else dist.group.WORLD
+        self.next = dist.get_global_rank(whole, (self.rank + 1) % self.world)
+        self.prev = dist.get_global_rank(whole, (self.rank - 1) % self.world)
+
+    def exchange(self, tensors: Sequence[torch.Tensor], tags: Sequence[int]) -> Transfer:
+        """Posts the sends of `tensors` to the next rank and receives of the same shapes from the previous one.
+
+        Returns at once: the caller computes, then ``wait``s before reading what arrived. Every rank posts
+        the same sequence of exchanges, so sends and receives pair up in order.
+        """
+        sent = [t.contiguous() for t in tensors]
+        received = [torch.empty_like(t) for t in sent]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag) for t, tag in zip(sent, tags)]
+        ops += [dist.P2POp(dist.irecv, b, self.prev, self.group, tag) for b, tag in zip(received, tags)]
+        return Transfer(sent, received, dist.batch_isend_irecv(ops))
+
+
+class RingSigmoidAttn(torch.autograd.Function):
+    """Forward: W steps, each attending the local queries to the K/V shard in hand while the next one arrives.
+
+    Backward: the same ring again. dQ stays local (fp32). A shard's dK/dV sum starts at the first rank
+    after its owner and travels one step behind the shard's K/V (so each transfer overlaps the next
+    step's compute), each rank adding its contribution; the last hop hands it to the owner, who adds
+    its own share kept from step 0. W - 1 dK/dV transfers per shard, the first in k's dtype, the rest fp32.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias_tensor: torch.Tensor | None,
+        bias_value: float,
+        ring: Ring,
+        causal: bool,
+        sharding: str,
+        args: LocalArgs,
+        reduce_bias_grad: bool,
+    ) -> torch.Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        bias = bias_tensor if bias_tensor is not None else bias_value
+        seqlen = q.shape[1]
+        out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=accumulation_dtype(q.dtype), device=q.device)
+        kv = [k, v]
+        for step in range(ring.world):
+            last = step + 1 == ring.world
+            if not last:
+                incoming = ring.exchange(kv, (TAG_K, TAG_V))
+            src = (ring.rank - step) % ring.world
+            attend(q, kv[0], kv[1], bias, pair_plan(ring.rank, src, ring.world, seqlen, causal, sharding), args, out)
+            if not last:
+                kv = incoming.wait()
+        ctx.save_for_backward(q, k, v, bias_tensor)
+        ctx.bias_value, ctx.ring, ctx.causal, ctx.sharding = bias_value, ring, causal, sharding
+        ctx.args, ctx.reduce_bias_grad = args, reduce_bias_grad
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, do: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        q, k, v, bias_tensor = ctx.saved_tensors
+        ring: Ring = ctx.ring
+        bias = bias_tensor if bias_tensor is not None else ctx.bias_value
+        do = do.contiguous()
+        acc = accumulation_dtype(q.dtype)
+        seqlen = q.shape[1]
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dbias = None if bias_tensor is None else torch.zeros(bias_tensor.shape, dtype=acc, device=q.device)
+        kv = [k, v]
+        own: tuple[torch.Tensor, torch.Tensor] | None = None
+        inbox: Transfer | None = None
+        for step in range(ring.world):
+            last = step + 1 == ring.world
+            if not last:
+                incoming = ring.exchange(kv, (TAG_K, TAG_V))
+            src = (ring.rank - step) % ring.world
+            plan = pair_plan(ring.rank, src, ring.world, seqlen, ctx.causal, ctx.sharding)
+            dk, dv = pair_kv_grads(q, kv[0], kv[1], bias, do, plan, ctx.args, dq, dbias)
+            if step == 0:
+                own = (dk, dv)  # this rank's share of its own dK/dV waits here for the others' sum
+            else:
+                if inbox is not None:
+                    # Ranks src + 1 .. rank - 1's sum for shard src, sent after their previous step.
+                    got = inbox.wait()
+                    dk, dv = got[0].to(acc).add_(dk), got[1].to(acc).add_(dv)
+                # The sum for shard src travels on towards its owner; the first hop carries one
+                # contribution in k's dtype (no rounding yet), later hops the fp32 sum.
+                inbox = ring.exchange((dk, dv), (TAG_DK, TAG_DV))
+            if not last:
+                kv = incoming.wait()
+        assert own is not None
+        dk, dv = own
+        if inbox is not None:
+            # The last hop went from rank - 1 (holding shard rank at step W - 1) to this rank, the owner. In
+            # place: with W = 2 both terms are in k's dtype, and one rounded add equals fp32-add-then-cast.
+            got = inbox.wait()
+            dk, dv = got[0].add_(dk), got[1].add_(dv)
+        if dbias is not None and ctx.reduce_bias_grad:
+            dist.all_reduce(dbias, group=ring.group)
+        dbias_out = None if bias_tensor is None else dbias.to(bias_tensor.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias_out, None, None, None, None, None, None
