@@ -1,4 +1,4 @@
-"""The `sigattn` command line: info, check, bench, diagnose and demo."""
+"""The `sigattn` command line: info, check, bench, diagnose, train and demo."""
 
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: on whatever device is here, a short correctness check and a short benchmark."""
     from sigattn.analysis.cli import quick_diagnose
     from sigattn.bench.run import quick_bench
+    from sigattn.recipes.cli import quick_train
 
     device = _device(args.device)
     print(f"sigattn demo on {device}\n")
@@ -117,6 +118,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     quick_bench(torch.device(device))
     print("\n== attention statistics at init: bias -log n vs 0 (row sums ~1 vs ~n/2), sequence doubling ==")
     quick_diagnose(device)
+    print("\n== training: a tiny byte-level LM, softmax vs the sigmoid recipe, same data and steps ==")
+    quick_train(device, steps=args.train_steps)
     print("\nFull runs: `sigattn check`, `sigattn bench` (see BENCHMARKS.md for GPU results).")
     return 0 if ok else 1
 
@@ -124,6 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from sigattn.analysis import cli as diagnose_cli
     from sigattn.bench import run
+    from sigattn.recipes import cli as recipes_cli
 
     parser = argparse.ArgumentParser(prog="sigattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -144,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diagnose_cli.add_arguments(p)
     p.set_defaults(func=diagnose_cli.main)
-    p = sub.add_parser("demo", help="the main job: a short check and a short benchmark on this device")
+    p = sub.add_parser("train", help="sigmoid vs softmax training comparison (LM or ViT): curves and a table")
+    recipes_cli.add_arguments(p)
+    p.set_defaults(func=recipes_cli.main)
+    p = sub.add_parser("demo", help="the main job: a short check, benchmark, diagnosis and training run here")
     p.add_argument("--device", default=None)
+    p.add_argument("--train-steps", type=int, default=200, help="steps of the tiny softmax-vs-sigmoid LM run")
     p.set_defaults(func=cmd_demo)
     return parser
 

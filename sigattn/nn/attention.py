@@ -169,6 +169,8 @@ class SigmoidAttention(nn.Module):
             if kv_cache is not None:
                 positions = kv_cache.seqlens.long()[:, None] + torch.arange(seqlen, device=x.device)
             q, k = self.rope(q, k, positions)
+        # CUDA autocast runs norms in float32: bring q/k back to v's dtype, the kernels take one dtype.
+        q, k = q.to(v.dtype), k.to(v.dtype)
 
         if self.attention == "softmax":
             out = self._softmax(q, k, v, kv_cache)

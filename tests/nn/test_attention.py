@@ -217,3 +217,13 @@ def test_cache_overflow_raises() -> None:
     cache = KVCache(1, 1, 4, NHEADS, DIM // NHEADS)
     with pytest.raises(ValueError, match="max_seqlen"):
         m(torch.randn(1, 5, DIM), kv_cache=cache)
+
+
+def test_float32_qk_norm_output_under_autocast_is_cast_back():
+    """CUDA autocast runs LayerNorm in float32 while the projections give bf16: q/k must follow v's dtype."""
+    m = SigmoidAttention(32, 4, qk_norm="layer", positional="rope", causal=True).to(torch.bfloat16)
+    real_q, real_k = m.q_norm.forward, m.k_norm.forward
+    m.q_norm.forward = lambda t: real_q(t).float()
+    m.k_norm.forward = lambda t: real_k(t).float()
+    out = m(torch.randn(2, 9, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
