@@ -17,6 +17,12 @@ OUT="${OUT:-$PWD/gpu_out}"
 BENCH_OUT="$OUT/bench"
 BUDGET="${BUDGET:-570}"
 mkdir -p "$BENCH_OUT"
+# Peers the GPU image lacks (e.g. triton-sigmoid) travel as wheels in .whl/ (carry it with the device tool):
+#   pip download --no-deps -d .whl triton-sigmoid
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 echo "== versions"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "nvidia-smi: not found"
