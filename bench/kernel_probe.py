@@ -1,6 +1,7 @@
 """GPU-only probe of the attention kernels: sigmoid error figures, config sweeps, speed vs SDPA (flash, cuDNN).
 
 Run on an H100/H200: PYTHONPATH=$PWD python3 bench/kernel_probe.py [--sweep] [--quick] [--out DIR]
+On any machine (no GPU): ... kernel_probe.py --ptxas fwd:128:128,64,4,2 dkdv:128:64,128,8,3:fused
 FLOPs = 4*B*H*N^2*d (halved for causal, x2.5 for the backward); medians from triton.testing.do_bench.
 """
 
@@ -101,8 +102,8 @@ def one_shape(b: int, h: int, n: int, d: int, causal: bool, impl: str, cfg: Attn
     # Fixed bias (the paper's b = -log n): no dbias reduction, as the autograd path does when bias needs no grad.
     t_b = bench(lambda: sigmoid_attn_bwd(do, q, k, v, bias, d**-0.5, causal, -1, -1, None, False, impl,
                                          need_dbias=False))
-    t_bd = bench(lambda: sigmoid_attn_bwd(do, q, k, v, bias, d**-0.5, causal, -1, -1, None, True, impl,
-                                          need_dbias=False))
+    t_bd = bench(lambda: sigmoid_attn_bwd(do, q, k, v, bias, d**-0.5, causal, -1, -1, None, False, impl,
+                                          need_dbias=False, fused_dq=True))
     res = {"d": d, "n": n, "causal": causal, "ours_fwd": f / t_f * 1e-9, "ours_bwd": 2.5 * f / t_b * 1e-9,
            "ours_bwd_det": 2.5 * f / t_bd * 1e-9}
     qt, kt, vt, dot = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v, do))
@@ -115,10 +116,39 @@ def one_shape(b: int, h: int, n: int, d: int, causal: bool, impl: str, cfg: Attn
     return res
 
 
+def safe_one_shape(b: int, h: int, n: int, d: int, causal: bool, impl: str) -> dict:
+    """one_shape, with SDPA backends that refuse a head dim reported as 0."""
+    try:
+        return one_shape(b, h, n, d, causal, impl, None)
+    except Exception as exc:  # SDPA refusing the head dim
+        print(f"d={d}: {str(exc)[:120]}", flush=True)
+    q, k, v, do = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    bias = torch.full((h,), -math.log(n), device="cuda")
+    f = flops(b, h, n, d, causal)
+    t_f = bench(lambda: sigmoid_attn_fwd(q, k, v, bias, d**-0.5, causal, -1, -1, None, impl))
+    t_b = bench(lambda: sigmoid_attn_bwd(do, q, k, v, bias, d**-0.5, causal, -1, -1, None, False, impl,
+                                         need_dbias=False))
+    return {"d": d, "n": n, "causal": causal, "ours_fwd": f / t_f * 1e-9, "ours_bwd": 2.5 * f / t_b * 1e-9,
+            "ours_bwd_det": 0.0, "cudnn_fwd": 0.0, "cudnn_bwd": 0.0, "fa2_fwd": 0.0, "fa2_bwd": 0.0}
+
+
+def extra_head_dims(ds: list[int], impl: str) -> list[str]:
+    """Ours (and SDPA where it runs) at N=4096 for the other head dims."""
+    rows = ["| d | causal | fwd ours | fwd cuDNN | fwd FA2 | bwd ours | bwd cuDNN | bwd FA2 |",
+            "|---|---|---|---|---|---|---|---|"]
+    for d in ds:
+        for causal in (False, True):
+            r = safe_one_shape(4, 2048 // d if d in (32, 64, 128, 256) else 16, 4096, d, causal, impl)
+            rows.append(f"| {d} | {causal} | {r['ours_fwd']:.0f} | {r['cudnn_fwd']:.0f} | {r['fa2_fwd']:.0f} "
+                        f"| {r['ours_bwd']:.0f} | {r['cudnn_bwd']:.0f} | {r['fa2_bwd']:.0f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def speed_table(ns: list[int], ds: list[int], impl: str, fwd_cfg: dict | None = None) -> tuple[list[str], list]:
     rows = [
         "| d | N | causal | fwd ours | fwd cuDNN | fwd FA2 | fwd ours/cuDNN | bwd ours | bwd cuDNN | bwd FA2 "
-        "| bwd ours/cuDNN | bwd ours det |",
+        "| bwd ours/cuDNN | bwd ours atomic-dQ |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     raw = []
@@ -264,6 +294,83 @@ def experiments(n: int, ds: list[int], impl: str) -> list[str]:
     return rows
 
 
+CAUSAL_EXP = {
+    64: [(128, 64, 4, 3), (128, 64, 4, 3, False, True), (64, 64, 4, 3), (128, 32, 4, 3)],
+    128: [(128, 64, 4, 2), (128, 64, 4, 2, False, True), (128, 32, 4, 3), (128, 32, 4, 3, False, True),
+          (64, 64, 4, 2)],
+}
+
+
+def causal_experiments(ns: list[int], ds: list[int], impl: str) -> list[str]:
+    """Forward causal tile configs and grid order across sequence lengths (same process, same GPU)."""
+    rows = ["| d | N | config (BM, BN, warps, stages, pipeline, block_major) | causal fwd TFLOP/s |",
+            "|---|---|---|---|"]
+    for d in ds:
+        for n in ns:
+            h, b = 2048 // d, 16384 // n
+            q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            bias = torch.full((h,), -math.log(n), device="cuda")
+            for cfg in CAUSAL_EXP[d]:
+                t = time_forward(q, k, v, bias, True, impl, AttnConfig(*cfg))
+                if t is not None:
+                    rows.append(f"| {d} | {n} | {cfg} | {flops(b, h, n, d, True) / t * 1e-9:.0f} |")
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def ptxas_report(kernel: str, d: int, cfg: tuple[int, ...], fused: bool = False, tma: bool = True) -> str:
+    """Registers / spill bytes / shared memory / SASS op counts of one kernel compiled for sm_90 on this machine
+    (no GPU needed: Triton ships ptxas and cuobjdump). kernel: "fwd", "dkdv" or "dq"; bf16, fast sigmoid."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sigattn.ops.backward import _sigmoid_attn_bwd_dkdv_kernel, _sigmoid_attn_bwd_dq_kernel
+    from sigattn.ops.forward import _sigmoid_attn_fwd_kernel
+
+    bm, bn, warps, stages = cfg[:4]
+    bd = triton.next_power_of_2(d)
+
+    def desc(rows: int, t: str = "bf16") -> str:
+        return f"tensordesc<{t}[{rows}, {d}]>" if bd == d else f"tensordesc<{t}[{rows}, 1, {bd}]>"
+
+    common = dict(HAS_ALIBI=False, SIGMOID=1, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn,
+                  DOT_PRECISION="ieee", USE_TMA=tma, BLOCK_MAJOR=False)
+    ptr = "*bf16"
+    if kernel == "fwd":
+        fn, consts = _sigmoid_attn_fwd_kernel, dict(common, PIPELINE_QK=bool(cfg[4:5] and cfg[4]))
+        ptrs = {"Q": desc(bm) if tma else ptr, "K": desc(bn) if tma else ptr, "V": desc(bn) if tma else ptr}
+    elif kernel == "dkdv":
+        fn, consts = _sigmoid_attn_bwd_dkdv_kernel, dict(common, FUSED_DQ=fused, NEED_DBIAS=False)
+        ptrs = {"Q": desc(bm) if tma else ptr, "DO": desc(bm) if tma else ptr,
+                "DQ": desc(bm, "fp32") if tma and fused else "*fp32", "DBiasPart": "*fp32"}
+    else:
+        fn, consts = _sigmoid_attn_bwd_dq_kernel, dict(common)
+        ptrs = {"K": desc(bn) if tma else ptr, "V": desc(bn) if tma else ptr}
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = ptrs[name]
+        elif name in ("Bias", "Slopes"):
+            sig[name] = "*fp32"
+        elif name[0].isupper():
+            sig[name] = ptr
+        else:
+            sig[name] = "fp32" if name in ("scale", "zf") else "i32"
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "sigattn_probe.cubin")
+    with open(path, "wb") as fh:
+        fh.write(k.asm["cubin"])
+    res = subprocess.run([f"{bin_dir}/cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
+    regs = " ".join(w for line in res.splitlines() if "REG" in line for w in line.split() if w[:4] in ("REG:", "STAC"))
+    sass = subprocess.run([f"{bin_dir}/cuobjdump", "-sass", path], capture_output=True, text=True).stdout
+    ops = {op: sass.count(op) for op in ("HGMMA", "MUFU.TANH", "STL", "LDL")}
+    return f"{kernel} d={d} {cfg} fused={fused} tma={tma}: smem={k.metadata.shared} {regs} {ops}"
+
+
 def header() -> list[str]:
     smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                          capture_output=True, text=True).stdout.strip()
@@ -277,6 +384,10 @@ def main() -> None:
     ap.add_argument("--sweep-bwd", action="store_true")
     ap.add_argument("--exp", action="store_true")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--extra-ds", default="")
+    ap.add_argument("--exp-causal", action="store_true")
+    ap.add_argument("--ptxas", nargs="+", metavar="KERNEL:D:BM,BN,WARPS,STAGES[:fused]",
+                    help="CPU-only: resource report of kernels compiled for sm_90, e.g. dkdv:128:64,128,8,3:fused")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--impl", default="fast")
     ap.add_argument("--ns", default="1024,2048,4096,8192,16384")
@@ -284,6 +395,12 @@ def main() -> None:
     ap.add_argument("--no-errors", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.ptxas:
+        for spec in args.ptxas:
+            kernel, d, cfg, *rest = spec.split(":")
+            print(ptxas_report(kernel, int(d), tuple(int(x) for x in cfg.split(",")), fused="fused" in rest,
+                               tma="ptr" not in rest))
+        return
     ns, ds = [int(x) for x in args.ns.split(",")], [int(x) for x in args.ds.split(",")]
     out = header()
     if not args.no_errors:
@@ -297,6 +414,11 @@ def main() -> None:
         out += ["", f"backward sweep best (fused): {sweep_backward(8192, ds, False, args.impl, False)}"]
     if args.exp:
         out += ["", "experiments at N=8192"] + experiments(8192, ds, args.impl)
+    if args.exp_causal:
+        out += ["", "causal forward configs"] + causal_experiments([1024, 4096, 16384], ds, args.impl)
+    if args.extra_ds:
+        out += ["", "other head dims, N=4096, B=4 (H = 2048/d, or 16 for d=96/192)"]
+        out += extra_head_dims([int(x) for x in args.extra_ds.split(",")], args.impl)
     if not args.no_table:
         rows, raw = speed_table(ns, ds, args.impl, cfgs)
         out += ["", f"speed, TFLOP/s, sigmoid_impl={args.impl}"] + rows

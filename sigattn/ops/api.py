@@ -298,7 +298,9 @@ def sigmoid_attn_with_kvcache(
     """
     check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
     paged = block_table is not None
-    cache_layout = "(num_blocks, page_block_size, nheads_k, headdim)" if paged else "(batch, seqlen_cache, nheads_k, headdim)"
+    cache_layout = (
+        "(num_blocks, page_block_size, nheads_k, headdim)" if paged else "(batch, seqlen_cache, nheads_k, headdim)"
+    )
     check_tensor("k_cache", k_cache, 4, cache_layout)
     check_tensor("v_cache", v_cache, 4, cache_layout)
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache}
@@ -321,7 +323,9 @@ def sigmoid_attn_with_kvcache(
         seqlen_new = k.shape[1]
     check_same(tensors)
     if tuple(v_cache.shape) != tuple(k_cache.shape):
-        raise ValueError(f"k_cache and v_cache must have one shape; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"k_cache and v_cache must have one shape; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
     hq, _, d = check_qkv_heads(q.shape, k_cache.shape, v_cache.shape, 2, "q,k_cache,v_cache")
     if paged:
         capacity = _check_block_table(block_table, b, k_cache.shape[0], k_cache.shape[1], q.device)
@@ -370,12 +374,15 @@ def _check_cache_seqlens(cache_seqlens: object, batch: int, device: torch.device
 def _check_block_table(block_table: object, batch: int, num_blocks: int, page: int, device: torch.device) -> int:
     """Returns the capacity per sequence, max_blocks_per_seq * page_block_size."""
     if not isinstance(block_table, torch.Tensor):
-        raise TypeError(f"block_table must be an int32 tensor (batch, max_blocks_per_seq); got {type(block_table).__name__}")
+        raise TypeError(
+            f"block_table must be an int32 tensor (batch, max_blocks_per_seq); got {type(block_table).__name__}"
+        )
     if block_table.dtype != torch.int32:
         raise TypeError(f"block_table must be int32; got {str(block_table.dtype).removeprefix('torch.')}")
     if block_table.dim() != 2 or block_table.shape[0] != batch:
         raise ValueError(
-            f"block_table must have shape (batch, max_blocks_per_seq) with batch = {batch}; got {tuple(block_table.shape)}"
+            f"block_table must have shape (batch, max_blocks_per_seq) with batch = {batch}; "
+            f"got {tuple(block_table.shape)}"
         )
     if block_table.device != device:
         raise ValueError(f"block_table must be on the inputs' device {device}; got {block_table.device}")

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sigattn.ops.configs import AttnConfig, backward_configs
+from sigattn.ops.configs import AttnConfig, backward_configs, use_fused_dq
 from sigattn.ops.forward import (
     dot_precision,
     last_dim_contiguous,
@@ -15,7 +15,17 @@ from sigattn.ops.forward import (
     use_tma_default,
     window_bounds,
 )
-from sigattn.ops.primitives import alibi_distance, program_coords, sigmoid_from_z, tile_ranges, visible, z_factor
+from sigattn.ops.primitives import (
+    alibi_distance,
+    program_coords,
+    sigmoid_from_z,
+    tile_ranges,
+    tma_atomic_add,
+    tma_col,
+    tma_load,
+    visible,
+    z_factor,
+)
 
 # No normaliser, so no rowsum(dO * O) pre-pass: with p = sigmoid(s), dS = dP * p * (1 - p), where
 # dP = dO V^T; dQ = scale * dS K, dK = scale * dS^T Q, dV = P^T dO, dbias[h] = sum dS.
@@ -72,8 +82,8 @@ def _dkdv_tiles(
         offs_m = start_m + offs_m0
         row_ok = (offs_m[:, None] < seqlen_q) & d_ok[None, :]
         if USE_TMA:
-            q = Q_tile.load([q_row0 + start_m, q_col])  # [BLOCK_M, BLOCK_D]
-            do = DO_tile.load([q_row0 + start_m, q_col])  # [BLOCK_M, BLOCK_D]
+            q = tma_load(Q_tile, q_row0 + start_m, q_col, BLOCK_M, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+            do = tma_load(DO_tile, q_row0 + start_m, q_col, BLOCK_M, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
         else:
             q_ptrs = Q_tile + tl.cast(start_m, tl.int64) * stride_qn + (offs_m0[:, None] * stride_qn + offs_d[None, :])
             do_ptrs = DO_tile + tl.cast(start_m, tl.int64) * stride_don + (offs_m0[:, None] * stride_don
@@ -105,7 +115,7 @@ def _dkdv_tiles(
         if FUSED_DQ:
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
             if USE_TMA:
-                DQ_tile.atomic_add([q_row0 + start_m, q_col], dq)
+                tma_atomic_add(DQ_tile, q_row0 + start_m, q_col, dq, BLOCK_M, HEAD_DIM, BLOCK_D)
             else:
                 dq_ptrs = DQ_tile + tl.cast(start_m, tl.int64) * stride_dqn + (offs_m0[:, None] * stride_dqn
                                                                                + offs_d[None, :])
@@ -196,7 +206,7 @@ def _sigmoid_attn_bwd_dkdv_kernel(
     q_row0 = (off_b * seqlen_q).to(tl.int32)
     for g in range(group):
         off_h = off_hk * group + g
-        q_col = (off_h * HEAD_DIM).to(tl.int32)
+        q_col = tma_col(off_h, HEAD_DIM, BLOCK_D)
         if USE_TMA:
             Q_tile = Q
             DO_tile = DO
@@ -273,8 +283,8 @@ def _dq_tiles(
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         if USE_TMA:
-            k = K_tile.load([kv_row0 + start_n, kv_col])  # [BLOCK_N, BLOCK_D]
-            v = V_tile.load([kv_row0 + start_n, kv_col])  # [BLOCK_N, BLOCK_D]
+            k = tma_load(K_tile, kv_row0 + start_n, kv_col, BLOCK_N, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+            v = tma_load(V_tile, kv_row0 + start_n, kv_col, BLOCK_N, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
         else:
             k_ptrs = K_tile + tl.cast(start_n, tl.int64) * stride_kn + (offs_n0[:, None] * stride_kn + offs_d[None, :])
             v_ptrs = V_tile + tl.cast(start_n, tl.int64) * stride_vn + (offs_n0[:, None] * stride_vn + offs_d[None, :])
@@ -368,7 +378,7 @@ def _sigmoid_attn_bwd_dq_kernel(
         K_tile = K + off_b * stride_kb + off_hk * stride_kh
         V_tile = V + off_b * stride_vb + off_hk * stride_vh
     kv_row0 = (off_b * seqlen_k).to(tl.int32)
-    kv_col = (off_hk * HEAD_DIM).to(tl.int32)
+    kv_col = tma_col(off_hk, HEAD_DIM, BLOCK_D)
     q = tl.load(Q_tile + m_offs * stride_qn + offs_d[None, :], mask=tile_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
     do = tl.load(DO_tile + m_offs * stride_don + offs_d[None, :], mask=tile_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
 
@@ -411,10 +421,12 @@ def sigmoid_attn_bwd(
     configs: tuple[AttnConfig, AttnConfig] | None = None,
     use_tma: bool | None = None,
     need_dbias: bool = True,
+    fused_dq: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels. Shapes as `sigmoid_attn_fwd`; do like the output.
-    Returns (dq, dk, dv, dbias) with dbias fp32 (Hq,) (zeros when not need_dbias). deterministic=True runs the
-    atomic-free two-kernel form (bitwise reproducible); otherwise dQ is accumulated with fp32 atomics."""
+    Returns (dq, dk, dv, dbias) with dbias fp32 (Hq,) (zeros when not need_dbias). deterministic=True always
+    runs the atomic-free two-kernel form (bitwise reproducible); otherwise `fused_dq` (default: per-arch
+    choice in configs.use_fused_dq) adds dQ with fp32 atomics inside the dK/dV kernel."""
     do, q, k, v = (last_dim_contiguous(t) for t in (do, q, k, v))
     batch, seqlen_q, nheads_q, head_dim = q.shape
     seqlen_k, nheads_kv = k.shape[1], k.shape[2]
@@ -429,7 +441,7 @@ def sigmoid_attn_bwd(
     slopes = bias if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
     mode = sigmoid_mode(sigmoid_impl, q.device)
     group = nheads_q // nheads_kv
-    fused = not deterministic
+    fused = use_fused_dq(deterministic, q.device) if fused_dq is None else (fused_dq and not deterministic)
     # Fused: fp32 accumulator that the atomics add into; scaled and cast to q's dtype at the end.
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else torch.empty_like(q)
     use_tma = use_tma_default(q.device) if use_tma is None else use_tma

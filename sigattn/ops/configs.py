@@ -29,26 +29,39 @@ def interpreting() -> bool:
 # CPU test shapes (17..129 tokens) cross several tiles, so the masked/unmasked loop split is exercised.
 INTERPRETER = AttnConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 
-# Hopper (sm_90) defaults, bf16/fp16, keyed by padded head dim; from bench/kernel_probe.py sweeps
-# (bench/NOTES.md holds the numbers).
+# Hopper (sm_90) defaults, bf16/fp16, keyed by padded head dim; from bench/kernel_probe.py sweeps at N=8k,
+# H100 (bench/NOTES.md holds the numbers). Picks that avoid spills lost to ones that spill a little (NOTES.md).
 _SM90_FWD: dict[int, AttnConfig] = {
     32: AttnConfig(128, 64, 4, 3),
-    64: AttnConfig(128, 64, 4, 3),  # 588 TFLOP/s at N=8k (TMA); (128, 64, 8, 3) 514, (128, 64, 8, 4) 509
-    128: AttnConfig(128, 64, 4, 2),  # 645 TFLOP/s at N=8k (TMA); (64, 64, 4, 3) 629, (128, 64, 8, 3) 540
+    64: AttnConfig(128, 64, 4, 3),  # 587 TFLOP/s; (128, 64, 4, 4) 543, (64, 64, 4, 3) 479
+    # 605 TFLOP/s non-causal ((128, 32, 4, 3) 620, within run-to-run noise); causal 347/507/579 at N=1k/4k/16k
+    # against 359/476/522 for (128, 32, 4, 3), so one config serves both.
+    128: AttnConfig(128, 64, 4, 2),
     256: AttnConfig(128, 64, 8, 2),
+    # Padded head dims load through the rank-3 TMA view; (128, 64, 4, 2) spills 312 B there, this none.
+    96: AttnConfig(128, 64, 8, 2),
 }
+# block_major (all heads' last query blocks first) stays off: one run gave +12% for causal d=128 at 8k, the
+# sweep across N gave 252 vs 347 TFLOP/s at 1k, no change at 4k-16k, and -25% at d=64.
 _SM90_BWD_DKDV: dict[int, AttnConfig] = {
     32: AttnConfig(64, 64, 4, 3),
-    64: AttnConfig(64, 64, 4, 3),  # fused dQ: 393 TFLOP/s at N=8k; (32, 128, 4, 3) 343
-    128: AttnConfig(64, 128, 8, 3),  # fused dQ: 403 TFLOP/s at N=8k; (64, 128, 8, 2) 339
-    256: AttnConfig(32, 64, 8, 1),
+    64: AttnConfig(64, 64, 4, 3),  # two-kernel backward 426 TFLOP/s; (64, 128, 8, 3) 367
+    128: AttnConfig(64, 128, 8, 3),  # 410 (40 B spill); the spill-free (64, 64, 8, 3) ran 277
+    # (64, 64, 8, 2) needs 271 KB of shared memory with the fused dQ buffer; this fits every form (<= 200 KB,
+    # 72-120 B spill with TMA); the old (32, 64, 8, 1) spilled 544 B and ran 78 TFLOP/s.
+    256: AttnConfig(32, 64, 8, 2),
+    96: AttnConfig(64, 128, 8, 2),  # rank-3 TMA view: 56 B spill vs 112 B at 3 stages
 }
 _SM90_BWD_DQ: dict[int, AttnConfig] = {
-    32: AttnConfig(128, 64, 8, 2),
-    64: AttnConfig(128, 64, 8, 2),
-    128: AttnConfig(128, 64, 8, 2),
-    256: AttnConfig(64, 32, 8, 1),
+    32: AttnConfig(64, 64, 4, 3),
+    64: AttnConfig(64, 64, 4, 3),  # 425 with the dK/dV pick above; (128, 64, 8, 3) 402
+    128: AttnConfig(128, 64, 8, 3),  # 460; (128, 64, 8, 2) 414, (64, 64, 4, 3) 408
+    256: AttnConfig(64, 32, 8, 2),  # 131 KB, no spill with TMA; the old (64, 32, 8, 1) spilled 592 B
 }
+# dQ by fp32 atomics inside the dK/dV kernel (5 matmuls instead of 7) measured slower than the two
+# atomic-free kernels on H100 (d=64: 395 vs 426, d=128: 400 vs 460 TFLOP/s), so it is off by default.
+_SM90_FUSED_DQ = False
+
 # Other GPUs (Ampere and older, less shared memory): conservative tiles that fit 100 KB.
 _GENERIC_FWD = AttnConfig(64, 64, 4, 2)
 _GENERIC_BWD = AttnConfig(64, 64, 4, 1)
@@ -56,6 +69,11 @@ _GENERIC_BWD = AttnConfig(64, 64, 4, 1)
 
 def _padded(head_dim: int) -> int:
     return max(32, 1 << (head_dim - 1).bit_length())
+
+
+def _lookup(table: dict[int, AttnConfig], head_dim: int) -> AttnConfig:
+    """The entry for this exact head dim if measured, else the one of its padded power of 2."""
+    return table.get(head_dim) or table[_padded(head_dim)]
 
 
 def _is_sm90(device: torch.device) -> bool:
@@ -77,7 +95,7 @@ def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, caus
     if tuned is not None:
         return tuned
     if _is_sm90(device):
-        return _fp32_fit(_SM90_FWD[_padded(head_dim)], dtype)
+        return _fp32_fit(_lookup(_SM90_FWD, head_dim), dtype)
     return _GENERIC_FWD
 
 
@@ -86,9 +104,18 @@ def backward_configs(head_dim: int, dtype: torch.dtype, device: torch.device) ->
     if interpreting() or device.type != "cuda":
         return INTERPRETER, INTERPRETER
     if _is_sm90(device):
-        p = _padded(head_dim)
-        return _fp32_fit(_SM90_BWD_DKDV[p], dtype), _fp32_fit(_SM90_BWD_DQ[p], dtype)
+        return (_fp32_fit(_lookup(_SM90_BWD_DKDV, head_dim), dtype),
+                _fp32_fit(_lookup(_SM90_BWD_DQ, head_dim), dtype))
     return _GENERIC_BWD, _GENERIC_BWD
+
+
+def use_fused_dq(deterministic: bool, device: torch.device) -> bool:
+    """Whether the backward adds dQ by atomics inside the dK/dV kernel (never when deterministic)."""
+    if deterministic:
+        return False
+    if interpreting() or device.type != "cuda":
+        return True  # so the CPU tests exercise the fused form too
+    return _SM90_FUSED_DQ if _is_sm90(device) else False
 
 
 # Opt-in autotune results (filled by `set_forward_config`, e.g. from bench/kernel_probe.py): key

@@ -16,6 +16,8 @@ from sigattn.ops.primitives import (
     program_coords,
     sigmoid_from_z,
     tile_ranges,
+    tma_col,
+    tma_load,
     visible,
     z_factor,
 )
@@ -26,7 +28,7 @@ def _load_kt(K_tile, stride_kn, start_n, offs_n0, offs_d, seqlen_k, kv_row0, kv_
              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
     """K^T tile [BLOCK_D, BLOCK_N] of keys start_n + offs_n0 (zeros past seqlen_k / HEAD_DIM on the pointer path)."""
     if USE_TMA:
-        kt = tl.trans(K_tile.load([kv_row0 + start_n, kv_col]))
+        kt = tl.trans(tma_load(K_tile, kv_row0 + start_n, kv_col, offs_n0.shape[0], HEAD_DIM, BLOCK_D))
     else:
         # Tile-local offsets stay int32; the tile's own start goes in as int64 (B·N·H·D may pass 2^31).
         k_ptrs = K_tile + tl.cast(start_n, tl.int64) * stride_kn + (offs_n0[None, :] * stride_kn + offs_d[:, None])
@@ -45,7 +47,7 @@ def _load_v(V_tile, stride_vn, start_n, offs_n0, offs_d, seqlen_k, kv_row0, kv_c
             MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
     """V tile [BLOCK_N, BLOCK_D] of keys start_n + offs_n0."""
     if USE_TMA:
-        v = V_tile.load([kv_row0 + start_n, kv_col])
+        v = tma_load(V_tile, kv_row0 + start_n, kv_col, offs_n0.shape[0], HEAD_DIM, BLOCK_D)
     else:
         v_ptrs = V_tile + tl.cast(start_n, tl.int64) * stride_vn + (offs_n0[:, None] * stride_vn + offs_d[None, :])
         d_ok = offs_d < HEAD_DIM
@@ -201,12 +203,13 @@ def _sigmoid_attn_fwd_kernel(
     O_tile = Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_on
     row_ok = offs_m[:, None] < seqlen_q
     kv_row0 = (off_b * seqlen_k).to(tl.int32)
-    kv_col = (off_hk * HEAD_DIM).to(tl.int32)
+    kv_col = tma_col(off_hk, HEAD_DIM, BLOCK_D)
     if USE_TMA:
         K_tile = K
         V_tile = V
         # Rows past seqlen_q (next batch's queries) are computed and never stored.
-        q = Q.load([(off_b * seqlen_q + start_m).to(tl.int32), (off_h * HEAD_DIM).to(tl.int32)])
+        q = tma_load(Q, (off_b * seqlen_q + start_m).to(tl.int32), tma_col(off_h, HEAD_DIM, BLOCK_D), BLOCK_M,
+                     HEAD_DIM, BLOCK_D)
     else:
         K_tile = K + off_b * stride_kb + off_hk * stride_kh
         V_tile = V + off_b * stride_vb + off_hk * stride_vh
@@ -265,15 +268,25 @@ def window_bounds(seqlen_q: int, seqlen_k: int, causal: bool, window_left: int, 
 
 
 def tma_view(t: torch.Tensor, block_rows: int) -> TensorDescriptor | None:
-    """Descriptor over t (B, N, H, D) seen as (B * N, H * D), blocks [block_rows, D]; None where TMA can't
-    address it: heads not packed, batch not a multiple of rows, unaligned, or D not a power of 2 (a padded
-    block would read the next head's columns instead of zeros)."""
+    """Descriptor over t (B, N, H, D) for [block_rows, BLOCK_D] tiles of one head, or None where TMA can't
+    address it (batch not a multiple of rows, unaligned strides, > 2^31 rows, padded D > 128). D a power of 2: the
+    (B * N, H * D) view; otherwise the (B * N, H, D) view with block [rows, 1, BLOCK_D], whose zero fill
+    pads lanes D..BLOCK_D (a rank-2 block would read the next head's columns there)."""
     b, n, h, d = t.shape
-    if d != triton.next_power_of_2(d) or t.stride(2) != d or (b > 1 and t.stride(0) != n * t.stride(1)):
+    if t.stride(3) != 1 or (b > 1 and t.stride(0) != n * t.stride(1)) or b * n >= 2**31:
         return None
-    if (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16 or b * n >= 2**31:
+    if (t.stride(1) * t.element_size()) % 16 or (t.stride(2) * t.element_size()) % 16 or t.data_ptr() % 16:
         return None
-    return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [block_rows, d])
+    block_d = triton.next_power_of_2(d)
+    if d != block_d and block_d > 128:
+        # Measured on H100 (bench/NOTES.md, v5): the rank-3 view sped up d=96 (fwd 264 -> 312 TFLOP/s) but
+        # slowed d=192 (421 -> 348), so padded dims above 128 keep the pointer path.
+        return None
+    if d == block_d:
+        if t.stride(2) != d:
+            return None
+        return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [block_rows, d])
+    return TensorDescriptor(t, [b * n, h, d], [t.stride(1), t.stride(2), 1], [block_rows, 1, block_d])
 
 
 def use_tma_default(device: torch.device) -> bool:

@@ -49,6 +49,36 @@ def sigmoid_from_z(z, SIGMOID: tl.constexpr):
 
 
 @triton.jit
+def tma_col(head, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Column coordinate of `head` in a descriptor from forward.tma_view: (B*N, H*D) views are addressed by
+    element column, (B*N, H, D) views (padded head dims) by head index."""
+    if BLOCK_D == HEAD_DIM:
+        col = head * HEAD_DIM
+    else:
+        col = head
+    return col.to(tl.int32)
+
+
+@triton.jit
+def tma_load(desc, row, col, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_ROWS, BLOCK_D] tile at (row, col); for padded head dims the rank-3 view zero-fills lanes >= D."""
+    if BLOCK_D == HEAD_DIM:
+        tile = desc.load([row, col])
+    else:
+        tile = tl.reshape(desc.load([row, col, 0]), [BLOCK_ROWS, BLOCK_D])
+    return tile
+
+
+@triton.jit
+def tma_atomic_add(desc, row, col, val, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """TMA reduce-add of a [BLOCK_ROWS, BLOCK_D] tile (lanes >= D are clipped by the rank-3 view)."""
+    if BLOCK_D == HEAD_DIM:
+        desc.atomic_add([row, col], val)
+    else:
+        desc.atomic_add([row, col, 0], tl.reshape(val, [BLOCK_ROWS, 1, BLOCK_D]))
+
+
+@triton.jit
 def program_coords(seqlen, BLOCK: tl.constexpr, REVERSE: tl.constexpr, BLOCK_MAJOR: tl.constexpr):
     """(block index, batch*head index) of this program in a 1-D grid of cdiv(seqlen, BLOCK) * batch * nheads
     (a 2-D grid would cap batch * nheads at 65535). Default order: blocks of one head adjacent (they share K/V

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sigattn.ops.backward import sigmoid_attn_bwd
-from sigattn.ops.configs import forward_config
+from sigattn.ops.configs import forward_config, interpreting
 from sigattn.ops.forward import sigmoid_attn_fwd
 from sigattn.ops.reference import alibi_bias, sigmoid_attn, visible_mask
 
@@ -61,13 +61,15 @@ def max_err(x, ref):
 
 
 def check_against_reference(b, sq, sk, hq, hkv, d, dtype, device, causal=False, window=(-1, -1),
-                            alibi=False, impl="accurate", factor=3.0, bias_mean=None, deterministic=False):
+                            alibi=False, impl="accurate", factor=3.0, bias_mean=None, deterministic=False,
+                            fused_dq=None):
     q, k, v, bias, slopes, do = make_inputs(b, sq, sk, hq, hkv, d, dtype, device, alibi, bias_mean)
     scale = d**-0.5
     left, right = window
 
     out = sigmoid_attn_fwd(q, k, v, bias, scale, causal, left, right, slopes, impl)
-    dq, dk, dv, dbias = sigmoid_attn_bwd(do, q, k, v, bias, scale, causal, left, right, slopes, deterministic, impl)
+    dq, dk, dv, dbias = sigmoid_attn_bwd(do, q, k, v, bias, scale, causal, left, right, slopes, deterministic, impl,
+                                         fused_dq=fused_dq)
     ours = [out, dq, dk, dv, dbias]
 
     win = (left, 0 if causal else right)
@@ -165,14 +167,22 @@ def test_deterministic_backward_is_bitwise_reproducible(device):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("d", [32, 48])
 @pytest.mark.parametrize("causal", [False, True])
-def test_tma_path_matches_pointer_path(causal, device):
-    """The TMA-descriptor forward (Hopper default) computes what the pointer forward does, batch edges included."""
-    q, k, v, bias, slopes, _ = make_inputs(2, 37, 45, 4, 2, 32, torch.float16, device, alibi=True)
-    args = (q, k, v, bias, 0.2, causal, -1, 0 if causal else -1, slopes, "accurate")
-    tma = sigmoid_attn_fwd(*args, use_tma=True)
-    ptr = sigmoid_attn_fwd(*args, use_tma=False)
+def test_tma_path_matches_pointer_path(causal, d, device):
+    """The TMA-descriptor kernels (Hopper default; rank-3 view for padded head dims) compute what the pointer
+    kernels do, batch edges included, forward and both backward forms."""
+    q, k, v, bias, slopes, do = make_inputs(2, 37, 45, 4, 2, d, torch.float16, device, alibi=True)
+    args = (q, k, v, bias, 0.2, causal, -1, 0 if causal else -1, slopes)
+    tma = sigmoid_attn_fwd(*args, "accurate", use_tma=True)
+    ptr = sigmoid_attn_fwd(*args, "accurate", use_tma=False)
     torch.testing.assert_close(tma, ptr, rtol=0, atol=2e-3)
+    # The interpreter has no TMA reduce-add, so the atomic-dQ form with descriptors is checked on GPUs only.
+    for fused in (False,) if interpreting() else (False, True):
+        got = sigmoid_attn_bwd(do, *args, False, "accurate", use_tma=True, fused_dq=fused)
+        want = sigmoid_attn_bwd(do, *args, False, "accurate", use_tma=False, fused_dq=fused)
+        for x, y in zip(got, want):
+            torch.testing.assert_close(x, y, rtol=1e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("sq,sk", [(40, 40), (16, 50), (33, 16)])
@@ -200,7 +210,7 @@ def test_block_major_grid_order_same_result(deterministic, device):
         torch.testing.assert_close(x, y, rtol=0, atol=0 if deterministic else 1e-5)
 
 
-# ---- GPU only: bf16, real tile sizes, long sequences, 64-bit addressing ----
+# GPU only (marked gpu, skipped on CPU): bf16, real tile sizes, long sequences, 64-bit addressing.
 
 
 @pytest.mark.gpu
@@ -208,25 +218,28 @@ def test_block_major_grid_order_same_result(deterministic, device):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("impl", ["accurate", "fast"])
 def test_gpu_bf16_head_dims(d, causal, impl, device):
-    check_against_reference(2, 300, 300, 4, 2, d, torch.bfloat16, device, causal=causal, impl=impl)
+    check_against_reference(2, 300, 300, 4, 2, d, torch.bfloat16, device, causal=causal, impl=impl,
+                            fused_dq=True)
     check_against_reference(2, 300, 300, 4, 2, d, torch.bfloat16, device, causal=causal, impl=impl,
                             deterministic=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("form", ["atomic-dq", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", CASES)
-def test_gpu_features(case, dtype, deterministic, device):
+def test_gpu_features(case, dtype, form, device):
     b, sq, sk, hq, hkv, d, causal, window, alibi = case
-    check_against_reference(b, sq, sk, hq, hkv, d, dtype, device, causal, window, alibi, deterministic=deterministic)
+    check_against_reference(b, sq, sk, hq, hkv, d, dtype, device, causal, window, alibi,
+                            deterministic=form == "deterministic", fused_dq=form == "atomic-dq")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("impl", ["accurate", "fast"])
 def test_gpu_long_sequence(causal, impl, device):
-    check_against_reference(1, 4096, 4096, 2, 1, 128, torch.bfloat16, device, causal=causal, impl=impl)
+    check_against_reference(1, 4096, 4096, 2, 1, 128, torch.bfloat16, device, causal=causal, impl=impl,
+                            fused_dq=True)
     check_against_reference(1, 4100, 4099, 4, 1, 64, torch.bfloat16, device, causal=causal, impl=impl,
                             deterministic=True)
 
