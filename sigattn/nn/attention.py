@@ -157,20 +157,11 @@ class SigmoidAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seqlen, dim = {self.dim}); got {tuple(x.shape)}")
         batch, seqlen, _ = x.shape
-        q = self.q_proj(x).view(batch, seqlen, self.nheads, self.head_dim)
-        k = self.k_proj(x).view(batch, seqlen, self.nheads_kv, self.head_dim)
-        v = self.v_proj(x).view(batch, seqlen, self.nheads_kv, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        positions: torch.Tensor | int = 0
         if kv_cache is not None:
             kv_cache.check_room(seqlen)
-        if self.rope is not None:
-            positions: torch.Tensor | int = 0
-            if kv_cache is not None:
-                positions = kv_cache.seqlens.long()[:, None] + torch.arange(seqlen, device=x.device)
-            q, k = self.rope(q, k, positions)
-        # CUDA autocast runs norms in float32: bring q/k back to v's dtype, the kernels take one dtype.
-        q, k = q.to(v.dtype), k.to(v.dtype)
+            positions = kv_cache.seqlens.long()[:, None] + torch.arange(seqlen, device=x.device)
+        q, k, v = self.project(x, positions)
 
         if self.attention == "softmax":
             out = self._softmax(q, k, v, kv_cache)
@@ -187,6 +178,25 @@ class SigmoidAttention(nn.Module):
                 alibi_slopes=self.alibi_slopes, sigmoid_impl=self.sigmoid_impl, backend=self.backend,
             )
         return self.o_proj(out.reshape(batch, seqlen, self.nheads * self.head_dim))
+
+    def project(
+        self, x: torch.Tensor, positions: torch.Tensor | int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q, k, v this module attends with: projections, QK norm, then RoPE at ``positions``.
+
+        x: (batch, seqlen, dim); positions: an int offset, or (batch, seqlen) absolute positions (decode).
+        Returns q (batch, seqlen, nheads, head_dim), k and v (batch, seqlen, nheads_kv, head_dim), one dtype.
+        """
+        batch, seqlen, _ = x.shape
+        q = self.q_proj(x).view(batch, seqlen, self.nheads, self.head_dim)
+        k = self.k_proj(x).view(batch, seqlen, self.nheads_kv, self.head_dim)
+        v = self.v_proj(x).view(batch, seqlen, self.nheads_kv, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q, k, positions)
+        # CUDA autocast runs norms in float32: bring q/k back to v's dtype, the kernels take one dtype.
+        return q.to(v.dtype), k.to(v.dtype), v
 
     def _softmax(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None

@@ -59,19 +59,10 @@ def projected_qkv(module: SigmoidAttention, x: torch.Tensor) -> tuple[torch.Tens
     """The q, k, v that ``module.forward(x)`` (no KV cache) attends with: post QK-norm, post RoPE.
 
     x: (batch, seqlen, dim). Returns q (batch, seqlen, nheads, head_dim), k and v (batch, seqlen, nheads_kv,
-    head_dim). Recomputed through the module's own sub-layers (projections, norms, rotary), so it follows
-    their weights; the steps mirror SigmoidAttention.forward, and test_diagnostics checks that
+    head_dim), through the module's own ``project`` (projections, norms, rotary); test_diagnostics checks that
     ``o_proj(attention_weights @ v)`` reproduces the module output.
     """
-    batch, seqlen, _ = x.shape
-    q = module.q_proj(x).view(batch, seqlen, module.nheads, module.head_dim)
-    k = module.k_proj(x).view(batch, seqlen, module.nheads_kv, module.head_dim)
-    v = module.v_proj(x).view(batch, seqlen, module.nheads_kv, module.head_dim)
-    if module.q_norm is not None and module.k_norm is not None:
-        q, k = module.q_norm(q), module.k_norm(k)
-    if module.rope is not None:
-        q, k = module.rope(q, k, 0)
-    return q, k, v
+    return module.project(x)
 
 
 # Score elements per chunk of the sampled-row statistics: 2^24 fp32 = 64 MiB per live [heads, rows, seqlen] tensor,
