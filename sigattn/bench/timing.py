@@ -72,7 +72,7 @@ def measure(
 ) -> Timing:
     """Median time of `fn` on `device`; peak memory on CUDA, None on CPU (no allocator statistics there).
 
-    None for warmup_ms/rep_ms means the device's default (GPU 25/100 ms, CPU 5/30 ms).
+    None for warmup_ms/rep_ms means the device's default (GPU 25/100 ms, CPU 2/10 ms).
     """
     if _is_cuda(device):
         warmup = GPU_WARMUP_MS if warmup_ms is None else warmup_ms

@@ -13,6 +13,7 @@ from sigattn.ops.validation import (
     BACKENDS,
     SIGMOID_IMPLS,
     check_alibi,
+    check_batch_and_seqlen,
     check_bias,
     check_choice,
     check_cu_seqlens,
@@ -72,11 +73,13 @@ def _resolve_backend(backend: str, device: torch.device, triton_gap: str | None)
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
 
 
-def _dense_triton_gap(q: torch.Tensor) -> str | None:
+def _dense_triton_gap(q: torch.Tensor, alibi_slopes: torch.Tensor | None) -> str | None:
     if q.dtype not in TRITON_DTYPES:
         return f"dtype {q.dtype} (the kernels take float16, bfloat16 and float32)"
     if not TRITON_MIN_HEAD_DIM <= q.shape[-1] <= TRITON_MAX_HEAD_DIM:
         return f"head dim {q.shape[-1]} (the kernels take {TRITON_MIN_HEAD_DIM} to {TRITON_MAX_HEAD_DIM})"
+    if alibi_slopes is not None and alibi_slopes.requires_grad:
+        return "alibi_slopes that require grad (the kernels return no slope gradient; the reference does)"
     return None
 
 
@@ -148,11 +151,8 @@ def sigmoid_attn_func(
     check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
     check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
     check_same({"q": q, "k": k, "v": v})
-    b, sq, _, _ = q.shape
-    if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(f"q, k and v must share one batch size; got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
-    if v.shape[1] != k.shape[1]:
-        raise ValueError(f"k and v must share one seqlen_k; got {k.shape[1]} and {v.shape[1]}")
+    b = q.shape[0]
+    check_batch_and_seqlen(q.shape, k.shape, v.shape, 1, "q,k,v")
     hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "q,k,v")
     sk = k.shape[1]
     scale = check_scale(scale, d)
@@ -162,9 +162,10 @@ def sigmoid_attn_func(
     check_flag("deterministic", deterministic)
     check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
     check_choice("backend", backend, BACKENDS)
+    backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, alibi))
     if q.numel() == 0 or sk == 0:
-        return _empty_attention(q, k, v)
-    match _resolve_backend(backend, q.device, _dense_triton_gap(q)):
+        return _empty_attention(q, k, v, bias)
+    match backend:
         case "triton":
             from sigattn.ops import custom_ops
 
@@ -180,10 +181,17 @@ def sigmoid_attn_func(
             )
 
 
-def _empty_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The result when a dimension is 0: shaped like q, all zeros, still connected to autograd."""
-    zero = (q.sum() + k.sum() + v.sum()) * 0
-    return torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device) + zero.to(q.dtype)
+def _empty_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: float | torch.Tensor
+) -> torch.Tensor:
+    """The result when a dimension is 0: shaped like q, exact zeros, connected to autograd (zero gradients).
+
+    Sums over empty slices are exactly 0 whatever the inputs hold (a sum of the inputs times 0 is NaN when they
+    hold inf, or overflow in fp16).
+    """
+    leaves = [q, k, v] + ([bias] if isinstance(bias, torch.Tensor) else [])
+    zero = sum(t.reshape(-1)[:0].sum().to(q.dtype) for t in leaves)
+    return torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device) + zero
 
 
 def sigmoid_attn_varlen_func(
@@ -444,6 +452,7 @@ def scaled_dot_product_sigmoid_attention(
     check_tensor("key", key, 4, "(batch, nheads_k, seqlen_k, headdim)")
     check_tensor("value", value, 4, "(batch, nheads_k, seqlen_k, headdim)")
     check_same({"query": query, "key": key, "value": value})
+    check_batch_and_seqlen(query.shape, key.shape, value.shape, 2, "query,key,value")
     check_flag("is_causal", is_causal)
     check_flag("enable_gqa", enable_gqa)
     if query.shape[1] != key.shape[1] and not enable_gqa:
@@ -471,10 +480,10 @@ def scaled_dot_product_sigmoid_attention(
     check_choice("backend", backend, BACKENDS)
     if is_causal:
         attn_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril()
-    if query.numel() == 0 or sk == 0:
-        return _empty_attention(q, k, v).transpose(1, 2)
     gap = "attn_mask, dropout and top-left causal with seqlen_q != seqlen_k run on the reference only"
     _resolve_backend(backend, query.device, gap)
+    if query.numel() == 0 or sk == 0:
+        return _empty_attention(q, k, v, bias).transpose(1, 2)
     out = reference.sigmoid_attn(q, k, v, scale=scale, bias=bias, attn_mask=attn_mask, dropout_p=float(dropout_p))
     return out.transpose(1, 2)
 

@@ -443,7 +443,10 @@ def sigmoid_attn_bwd(
     group = nheads_q // nheads_kv
     fused = use_fused_dq(deterministic, q.device) if fused_dq is None else (fused_dq and not deterministic)
     # Fused: fp32 accumulator that the atomics add into; scaled and cast to q's dtype at the end.
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fused else torch.empty_like(q)
+    # Contiguous, as the fake implementation says (empty_like would keep a transposed q's strides).
+    dq = torch.empty(q.shape, dtype=torch.float32 if fused else q.dtype, device=q.device)
+    if fused:
+        dq.zero_()
     use_tma = use_tma_default(q.device) if use_tma is None else use_tma
     common = dict(
         HAS_ALIBI=alibi_slopes is not None,

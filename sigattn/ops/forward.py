@@ -262,8 +262,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 def window_bounds(seqlen_q: int, seqlen_k: int, causal: bool, window_left: int, window_right: int) -> tuple[int, int]:
     """(left, right) with -1 (unbounded) replaced by a distance past both sequences, causal ⇒ right = 0."""
     unbounded = seqlen_q + seqlen_k + 1
-    left = unbounded if window_left < 0 else window_left
-    right = 0 if causal else (unbounded if window_right < 0 else window_right)
+    # Past `unbounded` a window changes nothing; clamping keeps pos_shift ± window inside int32 in the kernels.
+    left = unbounded if window_left < 0 else min(window_left, unbounded)
+    right = 0 if causal else (unbounded if window_right < 0 else min(window_right, unbounded))
     return left, right
 
 

@@ -278,4 +278,6 @@ def sigmoid_attn_with_kvcache(
             alibi_slopes=_slopes_row(alibi_slopes, i),
         )
         outs.append(o)
+    if not outs:
+        return q.new_zeros(q.shape[:-1] + v_cache.shape[-1:])
     return torch.cat(outs, dim=0)

@@ -70,6 +70,19 @@ def check_qkv_heads(
     return hq, hkv, d
 
 
+def check_batch_and_seqlen(
+    q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int], seq_axis: int, names: str
+) -> None:
+    """One batch size (dim 0) for all three, one key length (dim `seq_axis`) for k and v."""
+    qn, kn, vn = names.split(",")
+    if k_shape[0] != q_shape[0] or v_shape[0] != q_shape[0]:
+        raise ValueError(
+            f"{qn}, {kn} and {vn} must share one batch size; got {q_shape[0]}, {k_shape[0]}, {v_shape[0]}"
+        )
+    if v_shape[seq_axis] != k_shape[seq_axis]:
+        raise ValueError(f"{kn} and {vn} must share one seqlen_k; got {k_shape[seq_axis]} and {v_shape[seq_axis]}")
+
+
 def check_scale(scale: object, head_dim: int) -> float:
     """None → 1/sqrt(head_dim); otherwise a finite real number."""
     if scale is None:

@@ -358,3 +358,45 @@ def test_triton_refuses_head_dim_below_16():
     q, k, v = qkv(d=8)
     with pytest.raises(ValueError, match="head dim 8"):
         sigmoid_attn_func(q, k, v, backend="triton")
+
+
+def test_empty_result_is_exact_zero_even_for_non_finite_inputs():
+    q = torch.full((1, 70000, 1, 16), 60000.0, dtype=torch.float16)  # its sum overflows fp16
+    k = v = torch.empty(1, 0, 1, 16, dtype=torch.float16)
+    bias = torch.tensor(-1.0, requires_grad=True)
+    q.requires_grad_()
+    out = sigmoid_attn_func(q, k, v, bias=bias)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.float().sum().backward()
+    assert torch.equal(bias.grad, torch.zeros(())) and torch.equal(q.grad, torch.zeros_like(q))
+
+
+def test_empty_call_still_checks_the_explicit_backend(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        sigmoid_attn_func(*qkv(b=0), backend="triton")
+
+
+def test_kvcache_empty_batch():
+    a = cache_args()
+    a = {n: (t[:0] if isinstance(t, torch.Tensor) else t) for n, t in a.items()}
+    out = sigmoid_attn_with_kvcache(**a)
+    assert out.shape == (0, 1, 4, 8)
+
+
+def test_sdpa_form_checks_batch_and_lengths_on_every_path():
+    q, k, v = sdpa_qkv()
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    with pytest.raises(ValueError, match="one batch size"):
+        scaled_dot_product_sigmoid_attention(q, k[:1], v[:1], attn_mask=mask)
+    with pytest.raises(ValueError, match="one seqlen_k"):
+        scaled_dot_product_sigmoid_attention(q, k, v[:, :, :5], attn_mask=mask)
+
+
+def test_learnable_alibi_slopes_go_to_the_reference():
+    q, k, v = qkv(d=16)
+    slopes = torch.rand(4, requires_grad=True)
+    with pytest.raises(ValueError, match="alibi_slopes that require grad"):
+        sigmoid_attn_func(q, k, v, alibi_slopes=slopes, backend="triton")
+    sigmoid_attn_func(q, k, v, alibi_slopes=slopes).sum().backward()
+    assert slopes.grad is not None and torch.isfinite(slopes.grad).all()

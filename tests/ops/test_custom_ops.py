@@ -58,3 +58,13 @@ def test_torch_compile_fullgraph(device):
     want = torch.autograd.grad(f(q, k, v, bias), (q, k, v, bias))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_opcheck_backward_with_transposed_q(deterministic, device):
+    """The SDPA-style function passes query.transpose(1, 2): the real dq must have the fake's (contiguous) strides."""
+    q, k, v, bias, _ = _inputs(device, requires_grad=False)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # same shape, permuted strides
+    do = torch.randn_like(q)
+    args = (do, qt, k, v, bias, 0.25, True, -1, 0, None, deterministic, "accurate", True)
+    torch.library.opcheck(torch.ops.sigattn.dense_bwd.default, args)

@@ -271,3 +271,14 @@ def test_gpu_int64_addressing(device):
     for g in (dq, dk, dv):
         assert torch.isfinite(g[-1]).all()
 
+
+
+@pytest.mark.parametrize("window", [(2**31 - 1, 0), (-1, 2**31 - 1), (2**31 - 1, 2**31 - 1)])
+def test_windows_near_int32_limit_match_reference(window, device):
+    """A window that fits in int32 must not wrap pos_shift ± window inside the kernels (it used to give zeros)."""
+    from sigattn import sigmoid_attn_func
+
+    q, k, v = (torch.randn(1, n, 2, 16, device=device) for n in (10, 5, 5))
+    got = sigmoid_attn_func(q, k, v, window_size=window, backend="triton", sigmoid_impl="accurate")
+    want = sigmoid_attn_func(q, k, v, window_size=window, backend="reference")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
