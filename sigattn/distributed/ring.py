@@ -127,7 +127,9 @@ def pair_kv_grads(
         if dbias is not None:
             dbias += grads[3]
         return grads[1], grads[2]
-    dtype = k.dtype if len(blocks) == 1 else accumulation_dtype(k.dtype)
+    # The neighbour sizes its receive buffer from its own plan: with no block (a contiguous causal shard wholly
+    # after the queries) the zeros must still travel in k's dtype, as a one-block plan's grads do.
+    dtype = k.dtype if len(blocks) <= 1 else accumulation_dtype(k.dtype)
     dk = torch.zeros(k.shape, dtype=dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=dtype, device=v.device)
     attend_grads(q, k, v, bias, do, blocks, args, dq, dk, dv, dbias)

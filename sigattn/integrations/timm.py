@@ -158,16 +158,21 @@ def convert(
     else:
         bias = float(bias)
 
-    targets = [(name, module) for name, module in model.named_modules() if type(module) is Attention]
+    # remove_duplicate=False: an Attention shared by several blocks is replaced at every place it is registered.
+    targets = [
+        (name, module) for name, module in model.named_modules(remove_duplicate=False) if type(module) is Attention
+    ]
     if not targets:
         raise ValueError(f"no timm Attention module found in {type(model).__name__}")
     if targets[0][0] == "":
         raise ValueError("model is itself a timm Attention module; wrap it with SigmoidTimmAttention(model, ...)")
+    replaced: dict[int, SigmoidTimmAttention] = {}  # one replacement per module, so sharing stays sharing
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        new = SigmoidTimmAttention(
-            module, bias=bias, learnable_bias=learnable_bias, sigmoid_impl=sigmoid_impl, backend=backend
-        )
-        setattr(parent, child, new)
+        if id(module) not in replaced:
+            replaced[id(module)] = SigmoidTimmAttention(
+                module, bias=bias, learnable_bias=learnable_bias, sigmoid_impl=sigmoid_impl, backend=backend
+            )
+        setattr(parent, child, replaced[id(module)])
     return model

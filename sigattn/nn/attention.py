@@ -13,7 +13,7 @@ from sigattn.nn.checks import BACKENDS, SIGMOID_IMPLS, check_choice, check_posit
 from sigattn.nn.kv_cache import KVCache
 from sigattn.nn.norm import make_norm
 from sigattn.nn.rope import RotaryEmbedding
-from sigattn.ops.api import sigmoid_attn_func, sigmoid_attn_with_kvcache
+from sigattn.ops.api import scaled_dot_product_sigmoid_attention, sigmoid_attn_func, sigmoid_attn_with_kvcache
 
 ATTENTIONS = ("sigmoid", "softmax")
 QK_NORMS = ("rms", "layer", None)
@@ -137,6 +137,15 @@ class SigmoidAttention(nn.Module):
         # Not persistent: derived from nheads, so old checkpoints load whatever the positional choice.
         self.register_buffer("alibi_slopes", slopes, persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # module.to(bfloat16) would round the ALiBi slopes (12 heads: 0.7071 -> 0.7070, an error that grows with
+        # distance): keep them float32, only moving their device.
+        slopes = self.alibi_slopes
+        super()._apply(fn, recurse)
+        if slopes is not None:
+            self.alibi_slopes = slopes.to(device=self.alibi_slopes.device)
+        return self
+
     def extra_repr(self) -> str:
         bias = "learnable" if isinstance(self.attn_bias, nn.Parameter) else f"{self.attn_bias:.4g}"
         return (
@@ -144,8 +153,15 @@ class SigmoidAttention(nn.Module):
             f"head_dim={self.head_dim}, bias={bias}, positional={self.positional!r}, causal={self.causal}"
         )
 
-    def forward(self, x: torch.Tensor, *, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attend over x (batch, seqlen, dim); returns (batch, seqlen, dim).
+
+        attn_mask: None (default), or a bool mask broadcastable to (batch, nheads, seqlen, seqlen), True =
+            attend (a key padding mask is (batch, 1, 1, seqlen)); masked keys contribute exactly 0, and it is
+            combined with `causal`. Not with a KV cache or ALiBi. Sigmoid with a mask runs on the reference
+            backend (scaled_dot_product_sigmoid_attention), so backend="triton" raises for it.
 
         kv_cache: None (default) attends within x. A KVCache makes this a decode / chunked-prefill step:
             the step's keys and values are written into layer ``layer_idx`` of the cache at positions
@@ -157,13 +173,18 @@ class SigmoidAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seqlen, dim = {self.dim}); got {tuple(x.shape)}")
         batch, seqlen, _ = x.shape
+        if attn_mask is not None and (kv_cache is not None or self.alibi_slopes is not None
+                                      or attn_mask.dtype != torch.bool):
+            raise ValueError("attn_mask must be a bool tensor, and cannot be combined with a KV cache or ALiBi")
         positions: torch.Tensor | int = 0
         if kv_cache is not None:
             kv_cache.check_room(seqlen)
             positions = kv_cache.seqlens.long()[:, None] + torch.arange(seqlen, device=x.device)
         q, k, v = self.project(x, positions)
 
-        if self.attention == "softmax":
+        if attn_mask is not None:
+            out = self._masked(q, k, v, attn_mask)
+        elif self.attention == "softmax":
             out = self._softmax(q, k, v, kv_cache)
         elif kv_cache is None:
             out = sigmoid_attn_func(
@@ -197,6 +218,22 @@ class SigmoidAttention(nn.Module):
             q, k = self.rope(q, k, positions)
         # CUDA autocast runs norms in float32: bring q/k back to v's dtype, the kernels take one dtype.
         return q.to(v.dtype), k.to(v.dtype), v
+
+    def _masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """Softmax (SDPA) or sigmoid attention under a bool attn_mask (and `causal`); q (batch, seqlen, nheads, d)."""
+        if self.causal:
+            seqlen = q.shape[1]
+            attn_mask = attn_mask & torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).tril()
+        groups = self.nheads // self.nheads_kv
+        k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, d]
+        if self.attention == "softmax":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        else:
+            out = scaled_dot_product_sigmoid_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
+                                                       bias=self.attn_bias, sigmoid_impl=self.sigmoid_impl,
+                                                       backend=self.backend)
+        return out.transpose(1, 2)
 
     def _softmax(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache | None

@@ -1,4 +1,4 @@
-"""`sigattn train lm|vit`: arguments, the comparison run, and the demo's quick softmax-vs-sigmoid LM run."""
+"""`sigattn train lm|vit|asr`: arguments, the comparison run, and the demo's quick softmax-vs-sigmoid LM run."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from sigattn.recipes.variants import VARIANTS, get_variants
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `train` subcommand's arguments to parser."""
-    parser.add_argument("task", choices=TASKS, help="lm: byte-level GPT on the Python stdlib; vit: Fashion-MNIST")
+    parser.add_argument("task", choices=TASKS, help="lm: byte-level GPT on the Python stdlib; vit: Fashion-MNIST; "
+                        "asr: CTC on espeak-ng speech (needs `apt-get install -y espeak-ng`)")
     parser.add_argument("--variants", nargs="+", default=["all"], metavar="NAME",
                         help=f"any of {', '.join(VARIANTS)}, or all (default)")
     parser.add_argument("--size", choices=SIZES, default="tiny", help="tiny (CPU, default) or gpu (reported results)")
@@ -32,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="lm: a source tree to read *.py from (default: the Python stdlib); vit: a directory "
                         "with the Fashion-MNIST idx files (default: Debian's /usr/share/datasets/fashion-mnist, "
-                        "else scikit-learn's digits)")
+                        "else scikit-learn's digits); asr: the speech cache (default $SIGATTN_ASR_DIR, "
+                        "else ~/.cache/sigattn/asr)")
+    parser.add_argument("--corpus", default=None, help="asr: the synthetic corpus, tiny or gpu (default: the size's)")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
                         help="sigmoid attention backend (default auto: Triton kernels on CUDA)")
     parser.add_argument("--no-amp", action="store_true", help="train in float32 on CUDA (default: bfloat16 autocast)")
@@ -44,7 +47,8 @@ def main(args: argparse.Namespace) -> int:
     """Run the comparison that args describe; print the table and where the outputs are."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = get_recipe(args.task, args.size, steps=args.steps, batch=args.batch_size, lr=args.lr)
+    recipe = get_recipe(args.task, args.size, steps=args.steps, batch=args.batch_size, lr=args.lr,
+                        corpus=getattr(args, "corpus", None))
     variants = get_variants(args.variants)
     out = Path(args.out or f"runs/{args.task}-{args.size}")
     t0 = time.perf_counter()

@@ -61,8 +61,30 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
+def format_asr_table(summaries: list[dict[str, Any]]) -> str:
+    """Markdown table of ASR summaries: CTC losses, CER/WER (%) on held-out voices, CER relative to softmax."""
+    ref = next((s for s in summaries if s["variant"] == "softmax"), None)
+    head = ["variant", "steps", "train CTC", "val CTC", "CER %", "WER %", "CER vs softmax (rel)", "best CER %",
+            "attn norm init", "attn norm max", "utt/s", "peak mem GiB", "diverged"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        cer, wer, best = (None if s.get(k) is None else 100 * s[k] for k in ("val_cer", "val_wer", "best_val_cer"))
+        rel = None
+        if ref is not None and ref.get("val_cer") and cer is not None:
+            rel = 100 * (s["val_cer"] / ref["val_cer"] - 1)
+        rows.append("| " + " | ".join([
+            s["variant"], str(s.get("last_step", 0)), _fmt(s.get("train_loss"), ".3f"), _fmt(s.get("val_loss"), ".3f"),
+            _fmt(cer, ".2f"), _fmt(wer, ".2f"), _fmt(rel, "+.1f") + ("%" if rel is not None else ""), _fmt(best, ".2f"),
+            _fmt(s.get("attn_norm_init"), ".3g"), _fmt(s.get("attn_norm_max"), ".3g"),
+            _fmt(s.get("utterances_per_s"), ".0f"), _fmt(s.get("peak_mem_gib"), ".2f"),
+            "yes" if s.get("diverged") else "no"]) + " |")
+    return "\n".join(rows)
+
+
 def format_table(recipe: Recipe, summaries: list[dict[str, Any]]) -> str:
     """Markdown table of the summaries; the val-loss (LM) or accuracy (ViT) delta is against "softmax" if run."""
+    if recipe.task == "asr":
+        return format_asr_table(summaries)
     ref = next((s for s in summaries if s["variant"] == "softmax"), None)
     lm = recipe.task == "lm"
     speed = "tokens_per_s" if lm else "images_per_s"
@@ -114,22 +136,24 @@ def plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path, recipe: Recip
 
     fig, grid = plt.subplots(2, 2, figsize=(12, 8))
     axes = grid.ravel()
-    vit = recipe.task == "vit"
+    vit, asr = recipe.task == "vit", recipe.task == "asr"
     for name, records in logs.items():
         train = [r for r in records if r["kind"] == "train"]
         val = [r for r in records if r["kind"] == "val"]
         diag = [r for r in records if r["kind"] == "attn_norm"]
         (line,) = axes[0].plot([r["step"] for r in train], _ema([r["loss"] for r in train]), label=name, lw=1.2)
-        key = "val_acc" if vit else "val_loss"
-        axes[1].plot([r["step"] for r in val], [r[key] * (100 if vit else 1) for r in val], "o-", ms=3,
+        key = "val_acc" if vit else "val_cer" if asr else "val_loss"
+        axes[1].plot([r["step"] for r in val], [r[key] * (100 if vit or asr else 1) for r in val], "o-", ms=3,
                      color=line.get_color(), label=name)
         steps = [max(r["step"], 0.5) for r in diag]  # step 0 (initialisation) drawn at 0.5 on the log axis
         for ax, stat in ((axes[2], "norms"), (axes[3], "row_sum")):
             ax.plot(steps, [_layer_mean(r.get(stat, [])) for r in diag], color=line.get_color(), label=name)
     unit = "" if vit else " (nats/byte)"
-    axes[0].set(title="training loss (EMA 0.1)", xlabel="step", ylabel="cross-entropy" + unit)
+    axes[0].set(title="training loss (EMA 0.1)", xlabel="step", ylabel="CTC loss" if asr else "cross-entropy" + unit)
     axes[1].set(title="validation " + ("accuracy" if vit else "loss"), xlabel="step",
                 ylabel="accuracy (%)" if vit else "cross-entropy" + unit)
+    if asr:
+        axes[1].set(title="character error rate, held-out voices (greedy CTC)", ylabel="CER (%)")
     axes[2].set(title="attention module output norm (mean over layers)", xlabel="step (log)",
                 ylabel="mean per-token L2 norm", xscale="log", yscale="log")
     axes[3].set(title="attention row sum, sampled rows (mean over layers; softmax = 1)", xlabel="step (log)",
@@ -137,7 +161,7 @@ def plot_curves(logs: dict[str, list[dict[str, Any]]], path: Path, recipe: Recip
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    tokens = f"context {recipe.context}" if not vit else "images"
+    tokens = "utterances" if asr else f"context {recipe.context}" if not vit else "images"
     fig.suptitle(f"{recipe.task} / {recipe.size}: {recipe.steps} steps, batch {recipe.batch} ({tokens}), "
                  f"dim {recipe.shape.dim}, depth {recipe.shape.depth}")
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""One training loop for both recipes (byte LM, ViT): presets, AdamW + cosine, AMP, resume, DDP, JSONL logs."""
+"""One training loop for the recipes (byte LM, ViT, CTC ASR): presets, AdamW + cosine, AMP, resume, DDP, JSONL logs."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from torch import nn
 
 from sigattn.nn.diagnostics import AttentionDiagnostics
 from sigattn.recipes import data as datasets
+from sigattn.recipes.asr import AsrTask
 from sigattn.recipes.models import GPT, ModelShape, ViT
 from sigattn.recipes.variants import Variant
 
-TASKS = ("lm", "vit")
+TASKS = ("lm", "vit", "asr")
 SIZES = ("tiny", "gpu")
 LOG_NAME, CKPT_NAME, SUMMARY_NAME = "log.jsonl", "checkpoint.pt", "summary.json"
 
@@ -33,6 +34,8 @@ class Recipe:
     context: LM sequence length (the LM's n in b = -log n). patch: ViT patch size for Fashion-MNIST's 28x28
     images; 0, or a size that leaves fewer than 4x4 patches (the 8x8 digits fallback), means image_size // 4.
     eval_batches: LM validation batches; eval_limit: ViT validation images (None: all).
+    asr: context is the n of b = -log n (0: the median encoder length of the training data); corpus names an
+    asr_data.CORPORA entry ("": the size's).
     norm_every: interval of the attention diagnostics (output norms, row sums, entropy, gradient norms; also at
     steps 0, 1, 2, 4, ... below it); diag_rows: query rows they sample per layer.
     """
@@ -57,6 +60,7 @@ class Recipe:
     min_lr_ratio: float = 0.1
     augment: bool = True
     diag_rows: int = 16
+    corpus: str = ""
 
 
 RECIPES: dict[tuple[str, str], Recipe] = {
@@ -75,6 +79,14 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("vit", "gpu"): Recipe(
         "vit", "gpu", ModelShape(192, 6, 3), steps=6000, batch=256, patch=4, lr=1e-3, warmup=300,
         weight_decay=0.05, eval_every=500, norm_every=50, ckpt_every=1000, log_every=25,
+    ),
+    ("asr", "tiny"): Recipe(
+        "asr", "tiny", ModelShape(96, 3, 4), steps=300, batch=16, lr=2e-3, warmup=30, weight_decay=0.05,
+        eval_every=100, norm_every=20, ckpt_every=100, augment=False,
+    ),
+    ("asr", "gpu"): Recipe(
+        "asr", "gpu", ModelShape(256, 8, 4), steps=6000, batch=64, lr=1e-3, warmup=400, weight_decay=0.05,
+        eval_every=500, norm_every=100, ckpt_every=1000, log_every=25,
     ),
 }
 
@@ -191,7 +203,12 @@ def read_log(path: Path | str) -> list[dict[str, Any]]:
 
 def _truncate_log(path: Path, step: int) -> None:
     # A run killed after its last checkpoint logged steps that the resumed run will redo: drop them.
-    keep = [r for r in read_log(path) if r["kind"] != "summary" and r.get("step", 0) <= step]
+    # attn_norm of step s is measured in the forward of update s + 1, which the resumed run redoes: keep only s < step.
+    def redone(r: dict[str, Any]) -> bool:
+        s = r.get("step", 0)
+        return r["kind"] == "summary" or s > step or (s == step and r["kind"] == "attn_norm")
+
+    keep = [r for r in read_log(path) if not redone(r)]
     path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -256,7 +273,11 @@ class _Task:
         """Mean validation loss (and accuracy for the ViT) over this rank's share of the fixed eval set."""
         total = torch.zeros(3, dtype=torch.float64, device=self.device)  # [loss sum, correct, count]
         for x, y in self.eval_set:
-            x, y = self._shard(x), self._shard(y)
+            # tensor_split: uneven shares (weighted by their counts below) keep the one-process eval set.
+            rank, world = self.dist.rank, self.dist.world
+            x, y = (t.tensor_split(world)[rank].to(self.device, non_blocking=True) for t in (x, y))
+            if y.numel() == 0:
+                continue
             with autocast():
                 logits = model(x)
             n = y.numel()
@@ -310,9 +331,12 @@ def train(
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
 
-    task = _Task(recipe, seed, dist, dev, data_dir)
+    task: _Task | AsrTask = (AsrTask if recipe.task == "asr" else _Task)(recipe, seed, dist, dev, data_dir)
     torch.manual_seed(seed)
-    model = build_model(recipe, variant, task.images, backend).to(dev)
+    if isinstance(task, AsrTask):
+        model = task.build_model(recipe.shape, variant, backend).to(dev)
+    else:
+        model = build_model(recipe, variant, task.images, backend).to(dev)
     optimizer = _optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe))
     start = 0
@@ -400,7 +424,7 @@ def train(
         x, y = task.batch(step)
         with diag if diag is not None else contextlib.nullcontext():
             with autocast():
-                logits = ddp_model(x)
+                logits = ddp_model(*x) if isinstance(x, tuple) else ddp_model(x)
             loss = task.loss(logits, y)
             loss.backward()
         if recipe.grad_clip:
@@ -443,7 +467,7 @@ def train(
     })
     if steps_timed and train_time > 0:
         # Only this invocation's steps (a resumed run times its own part); eval and checkpoints excluded.
-        unit = "tokens_per_s" if recipe.task == "lm" else "images_per_s"
+        unit = {"lm": "tokens_per_s", "vit": "images_per_s", "asr": "utterances_per_s"}[recipe.task]
         summary[unit] = steps_timed * task.items_per_step / train_time
     if dev.type == "cuda":
         summary["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -468,6 +492,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         if "val_acc" in val[-1]:
             out["val_acc"] = val[-1]["val_acc"]
             out["best_val_acc"] = max(r["val_acc"] for r in val)
+        for key in ("val_cer", "val_wer"):
+            if key in val[-1]:
+                out[key] = val[-1][key]
+                out["best_" + key] = min(r[key] for r in val)
     if norm:
         out["attn_norm_init"] = max(norm[0]["norms"])
         out["attn_norm_max"] = max(max(r["norms"]) for r in norm)

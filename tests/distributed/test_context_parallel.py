@@ -132,6 +132,9 @@ CPU_CASES = [
     Case("ring-full-contiguous-float-fp32", "ring", False, "contiguous", 2, 2, "float", "float32"),
     Case("ring-causal-zigzag-gqa-fp32", "ring", True, "zigzag", 4, 2, "per_head", "float32"),
     Case("ring-causal-zigzag-gqa-bf16", "ring", True, "zigzag", 4, 2, "per_head", "bfloat16"),
+    # A contiguous causal shard wholly after the queries has no block: its dK/dV zeros must travel in bf16/fp16.
+    Case("ring-causal-contiguous-gqa-bf16", "ring", True, "contiguous", 4, 2, "per_head", "bfloat16"),
+    Case("ring-causal-contiguous-fp16", "ring", True, "contiguous", 2, 2, "none", "float16"),
     Case("ring-causal-zigzag-strided", "ring", True, "zigzag", 2, 1, "per_head", "float64", strided=True),
     Case("ring-causal-zigzag-subgroups", "ring", True, "zigzag", 4, 2, "per_head", "float64", subgroups=True),
     Case("allgather-causal-zigzag-gqa", "all_gather", True, "zigzag", 4, 2, "per_head", "float64"),

@@ -157,3 +157,11 @@ def test_converted_vit_on_gpu_uses_kernels_within_budget(dtype, impl, monkeypatc
         err = (got.double() - ref).abs().max().item()
         budget = 3 * (lp.double() - ref).abs().max().item() + floor
         assert err <= budget, f"{name}: {err:.3e} > {budget:.3e}"
+
+
+def test_shared_attention_module_is_replaced_everywhere_once():
+    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+    model.blocks[1].attn = model.blocks[0].attn
+    convert(model)
+    first, second = model.blocks[0].attn, model.blocks[1].attn
+    assert isinstance(first, SigmoidTimmAttention) and second is first

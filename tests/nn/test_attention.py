@@ -227,3 +227,11 @@ def test_float32_qk_norm_output_under_autocast_is_cast_back():
     m.k_norm.forward = lambda t: real_k(t).float()
     out = m(torch.randn(2, 9, 32, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_alibi_slopes_stay_float32_when_the_module_is_cast():
+    m = SigmoidAttention(48, 12, positional="alibi")
+    before = m.alibi_slopes.clone()
+    m = m.to(torch.bfloat16)
+    assert m.alibi_slopes.dtype == torch.float32 and torch.equal(m.alibi_slopes, before)
+    assert m.q_proj.weight.dtype == torch.bfloat16

@@ -149,3 +149,15 @@ def test_ddp_under_torchrun_matches_one_process(tmp_path):
     assert _kind(ddp, "config")[0]["world"] == 2
     assert [r["loss"] for r in _kind(ddp, "train")] == pytest.approx([r["loss"] for r in _kind(one, "train")], rel=1e-5)
     assert _kind(ddp, "val")[0]["val_loss"] == pytest.approx(_kind(one, "val")[0]["val_loss"], rel=1e-5)
+
+
+def test_truncate_log_drops_what_the_resumed_run_redoes(tmp_path):
+    """attn_norm of step s is measured during update s + 1: resuming from checkpoint s must drop it."""
+    path = tmp_path / "log.jsonl"
+    records = [
+        {"kind": "train", "step": 3}, {"kind": "attn_norm", "step": 3}, {"kind": "train", "step": 4},
+        {"kind": "attn_norm", "step": 4}, {"kind": "train", "step": 5}, {"kind": "summary", "step": 5},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    train_mod._truncate_log(path, 4)
+    assert [(r["kind"], r["step"]) for r in read_log(path)] == [("train", 3), ("attn_norm", 3), ("train", 4)]
