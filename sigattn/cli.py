@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diagnose_cli.add_arguments(p)
     p.set_defaults(func=diagnose_cli.main)
-    p = sub.add_parser("train", help="sigmoid vs softmax training comparison (LM or ViT): curves and a table")
+    p = sub.add_parser("train", help="sigmoid vs softmax training comparison (LM, ViT or ASR): curves and a table")
     recipes_cli.add_arguments(p)
     p.set_defaults(func=recipes_cli.main)
     p = sub.add_parser("demo", help="the main job: a short check, benchmark, diagnosis and training run here")

@@ -113,9 +113,15 @@ class TransformerBlock(nn.Module):
                 assert out_norm is not None
                 return x + scale(out_norm(f(norm(x))))
 
-    def forward(self, x: torch.Tensor, *, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """x (batch, seqlen, dim) -> (batch, seqlen, dim); kv_cache as SigmoidAttention.forward (not advanced)."""
+    def forward(
+        self, x: torch.Tensor, *, kv_cache: KVCache | None = None, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (batch, seqlen, dim) -> (batch, seqlen, dim); kv_cache and attn_mask as SigmoidAttention.forward."""
         x = self._sublayer(
-            x, lambda h: self.attn(h, kv_cache=kv_cache), self.attn_norm, self.attn_out_norm, self.attn_scale
+            x,
+            lambda h: self.attn(h, kv_cache=kv_cache, attn_mask=attn_mask),
+            self.attn_norm,
+            self.attn_out_norm,
+            self.attn_scale,
         )
         return self._sublayer(x, self.mlp, self.mlp_norm, self.mlp_out_norm, self.mlp_scale)

@@ -1,4 +1,4 @@
-"""Training recipes that compare sigmoid and softmax attention offline: a byte-level LM and a small ViT.
+"""Training recipes that compare sigmoid and softmax attention offline: a byte-level LM, a small ViT and CTC ASR.
 
 The loop itself is ``sigattn.recipes.train.train`` (not re-exported: the name is its module's).
 """

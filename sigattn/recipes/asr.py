@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigattn.nn import TransformerBlock, make_norm
+from sigattn.nn import make_norm
 from sigattn.recipes import asr_data
 from sigattn.recipes.models import ModelShape, _blocks, _init_weights
 from sigattn.recipes.variants import Variant
+
+if TYPE_CHECKING:  # train imports this module
+    from sigattn.recipes.train import Dist, Recipe
 
 
 def subsampled_lengths(lengths: torch.Tensor) -> torch.Tensor:
@@ -66,15 +69,10 @@ class CTCEncoder(nn.Module):
         keep = torch.arange(x.shape[1], device=x.device) < out_lengths[:, None]  # [batch, seqlen]
         mask = keep[:, None, None, :]  # [batch, 1, 1, seqlen]: every query sees its own sequence's keys
         for block in self.blocks:
-            x = _block_forward(block, x, mask)
+            x = block(x, attn_mask=mask)
         return F.log_softmax(self.head(self.norm(x)).float(), dim=-1), out_lengths
 
 
-def _block_forward(block: TransformerBlock, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # TransformerBlock.forward has no mask argument; its sublayers are the same, with the mask passed to attention.
-    x = block._sublayer(x, lambda h: block.attn(h, attn_mask=mask), block.attn_norm, block.attn_out_norm,
-                        block.attn_scale)
-    return block._sublayer(x, block.mlp, block.mlp_norm, block.mlp_out_norm, block.mlp_scale)
 
 
 def ctc_loss(output: tuple[torch.Tensor, torch.Tensor], target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -157,7 +155,7 @@ class AsrTask:
 
     images = None
 
-    def __init__(self, recipe: Any, seed: int, dist: Any, device: torch.device, data_dir: str | None) -> None:
+    def __init__(self, recipe: Recipe, seed: int, dist: Dist, device: torch.device, data_dir: str | None) -> None:
         self.recipe, self.seed, self.dist, self.device = recipe, seed, dist, device
         if recipe.batch % dist.world:
             raise ValueError(f"batch ({recipe.batch}) must be divisible by the world size ({dist.world})")

@@ -70,7 +70,7 @@ class CorpusSpec:
 
 
 CORPORA: dict[str, CorpusSpec] = {
-    "tiny": CorpusSpec("tiny", train_size=480, test_size=96),
+    "tiny": CorpusSpec("tiny", train_size=1200, test_size=150),
     # ~48 MB of float16 features: small enough to build here and carry to a GPU machine without espeak-ng.
     "gpu": CorpusSpec("gpu", train_size=5000, test_size=500),
 }

@@ -81,8 +81,8 @@ RECIPES: dict[tuple[str, str], Recipe] = {
         weight_decay=0.05, eval_every=500, norm_every=50, ckpt_every=1000, log_every=25,
     ),
     ("asr", "tiny"): Recipe(
-        "asr", "tiny", ModelShape(96, 3, 4), steps=300, batch=16, lr=2e-3, warmup=30, weight_decay=0.05,
-        eval_every=100, norm_every=20, ckpt_every=100, augment=False,
+        "asr", "tiny", ModelShape(96, 3, 4), steps=500, batch=32, lr=2e-3, warmup=50, weight_decay=0.05,
+        eval_every=100, norm_every=20, ckpt_every=100,
     ),
     ("asr", "gpu"): Recipe(
         "asr", "gpu", ModelShape(256, 8, 4), steps=6000, batch=64, lr=1e-3, warmup=400, weight_decay=0.05,

@@ -98,6 +98,15 @@ def test_corpus_build_and_cache(corpus_dir: Path) -> None:
     assert again.digest == c.digest and again.train.texts == c.train.texts
 
 
+@needs_espeak
+def test_cached_corpus_loads_without_espeak(corpus_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A GPU machine without espeak-ng trains from a cache built elsewhere and carried there.
+    built = asr_data.load_speech(SMALL, corpus_dir)
+    monkeypatch.setattr(asr_data.shutil, "which", lambda _: None)
+    carried = asr_data.load_speech(SMALL, corpus_dir)
+    assert carried.digest == built.digest and torch.equal(carried.test.features, built.test.features)
+
+
 def _model(variant: str, n_mels: int = 16) -> CTCEncoder:
     return CTCEncoder(ModelShape(32, 2, 2), VARIANTS[variant], n_mels=n_mels, train_seqlen=8)
 
@@ -192,3 +201,21 @@ def test_spec_augment_masks_inside_each_utterance_only() -> None:
     changed = out != x
     assert not changed[1, 30:].any() and not changed[2, 12:].any()
     assert torch.equal(out[changed], torch.zeros(int(changed.sum())))
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_key_padding_mask_equals_truncation(attention: str, causal: bool) -> None:
+    from sigattn.nn import SigmoidAttention
+
+    attn = SigmoidAttention(32, 4, nheads_kv=2, attention=attention, causal=causal, positional="rope",
+                            qk_norm="rms", train_seqlen=16)
+    x = torch.randn(2, 13, 32)
+    keep = torch.arange(13) < torch.tensor([[13], [6]])  # [batch, seqlen]
+    out = attn(x, attn_mask=keep[:, None, None, :])
+    torch.testing.assert_close(out[1, :6], attn(x[1:, :6])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[0], attn(x[:1])[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attn_mask"):
+        SigmoidAttention(32, 4, positional="alibi")(x, attn_mask=keep[:, None, None, :])
+    with pytest.raises(ValueError, match="attn_mask"):
+        attn(x, attn_mask=keep[:, None, None, :].float())
