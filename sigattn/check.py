@@ -10,6 +10,7 @@ import torch
 
 from sigattn.ops import reference
 from sigattn.ops.api import available_backends, sigmoid_attn_func
+from sigattn.ops.validation import dtype_name
 
 # tanh.approx.f32 has a max relative error of 2^-10.99 (PTX ISA); "fast" mode may add that much.
 FAST_SIGMOID_REL_ERR = 2.0**-10.99
@@ -173,7 +174,7 @@ def run_checks(
                     err = _rel_err(got[name], ref, denom.get(name))
                     floor = 4 * eps32 * math.sqrt(terms[name]) + (fast if backend == "triton" else 0.0)
                     budget = 2.0 * _rel_err(naive[name], ref, denom.get(name)) + floor
-                    row = Row(case.name, backend, str(dtype).removeprefix("torch."), name, err, budget)
+                    row = Row(case.name, backend, dtype_name(dtype), name, err, budget)
                     if worst is None or row.err / row.budget > worst.err / worst.budget:
                         worst = row
                 yield worst

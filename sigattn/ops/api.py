@@ -24,6 +24,7 @@ from sigattn.ops.validation import (
     check_scale,
     check_tensor,
     check_window,
+    dtype_name,
 )
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -371,7 +372,7 @@ def _check_cache_seqlens(cache_seqlens: object, batch: int, device: torch.device
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor (batch,); got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be int32; got {str(cache_seqlens.dtype).removeprefix('torch.')}")
+        raise TypeError(f"cache_seqlens must be int32; got {dtype_name(cache_seqlens.dtype)}")
     if tuple(cache_seqlens.shape) != (batch,):
         raise ValueError(f"cache_seqlens must have shape (batch,) = ({batch},); got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
@@ -386,7 +387,7 @@ def _check_block_table(block_table: object, batch: int, num_blocks: int, page: i
             f"block_table must be an int32 tensor (batch, max_blocks_per_seq); got {type(block_table).__name__}"
         )
     if block_table.dtype != torch.int32:
-        raise TypeError(f"block_table must be int32; got {str(block_table.dtype).removeprefix('torch.')}")
+        raise TypeError(f"block_table must be int32; got {dtype_name(block_table.dtype)}")
     if block_table.dim() != 2 or block_table.shape[0] != batch:
         raise ValueError(
             f"block_table must have shape (batch, max_blocks_per_seq) with batch = {batch}; "
@@ -493,8 +494,8 @@ def _check_attn_mask(attn_mask: object, query: torch.Tensor, key: torch.Tensor) 
         raise TypeError(f"attn_mask must be a torch.Tensor or None; got {type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
         raise TypeError(
-            f"attn_mask must be bool or query's dtype {str(query.dtype).removeprefix('torch.')}; "
-            f"got {str(attn_mask.dtype).removeprefix('torch.')}"
+            f"attn_mask must be bool or query's dtype {dtype_name(query.dtype)}; "
+            f"got {dtype_name(attn_mask.dtype)}"
         )
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask must be on query's device {query.device}; got {attn_mask.device}")

@@ -12,7 +12,7 @@ SIGMOID_IMPLS = ("fast", "accurate")
 BACKENDS = ("auto", "reference", "triton")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -22,7 +22,7 @@ def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}; got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64; got {_dtype_name(t.dtype)}"
+            f"{name} must be float16, bfloat16, float32 or float64; got {dtype_name(t.dtype)}"
         )
     if t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims {layout}; got shape {tuple(t.shape)}")
@@ -37,8 +37,8 @@ def check_same(tensors: dict[str, torch.Tensor]) -> None:
         t = tensors[n]
         if t.dtype != first.dtype:
             raise TypeError(
-                f"{names[0]} and {n} must share one dtype; got {names[0]} {_dtype_name(first.dtype)}, "
-                f"{n} {_dtype_name(t.dtype)}"
+                f"{names[0]} and {n} must share one dtype; got {names[0]} {dtype_name(first.dtype)}, "
+                f"{n} {dtype_name(t.dtype)}"
             )
         if t.device != first.device:
             raise ValueError(
@@ -105,7 +105,7 @@ def check_bias(bias: object, nheads: int, device: torch.device, default: float |
         return default
     if isinstance(bias, torch.Tensor):
         if not bias.is_floating_point():
-            raise TypeError(f"bias tensor must be floating point; got {_dtype_name(bias.dtype)}")
+            raise TypeError(f"bias tensor must be floating point; got {dtype_name(bias.dtype)}")
         if bias.device != device:
             raise ValueError(f"bias must be on the inputs' device {device}; got {bias.device}")
         if tuple(bias.shape) not in ((), (nheads,)):
@@ -140,7 +140,7 @@ def check_alibi(alibi_slopes: object, batch: int, nheads: int, device: torch.dev
     if not isinstance(alibi_slopes, torch.Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None; got {type(alibi_slopes).__name__}")
     if not alibi_slopes.is_floating_point():
-        raise TypeError(f"alibi_slopes must be floating point; got {_dtype_name(alibi_slopes.dtype)}")
+        raise TypeError(f"alibi_slopes must be floating point; got {dtype_name(alibi_slopes.dtype)}")
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes must be on the inputs' device {device}; got {alibi_slopes.device}")
     if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
@@ -168,7 +168,7 @@ def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) ->
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor of shape (batch + 1,); got {type(cu).__name__}")
     if cu.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32; got {_dtype_name(cu.dtype)}")
+        raise TypeError(f"{name} must be int32; got {dtype_name(cu.dtype)}")
     if cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"{name} must have shape (batch + 1,); got {tuple(cu.shape)}")
     if cu.device != device:
