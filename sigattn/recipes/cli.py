@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -11,8 +12,8 @@ from typing import Any
 
 import torch
 
-from sigattn.recipes.compare import PLOT_NAME, RESULTS_NAME, TABLE_NAME, run_comparison
-from sigattn.recipes.train import SIZES, TASKS, get_recipe, init_distributed
+from sigattn.recipes.compare import PLOT_NAME, RESULTS_NAME, TABLE_NAME, run_comparison, write_report
+from sigattn.recipes.train import SIZES, SUMMARY_NAME, TASKS, get_recipe, init_distributed
 from sigattn.recipes.variants import VARIANTS, get_variants
 
 
@@ -28,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the size's)")
     parser.add_argument("--out", default=None, help="output directory (default: runs/<task>-<size>)")
     parser.add_argument("--resume", action="store_true", help="continue each variant from its checkpoint")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the table and curves of the variants whose summary.json is in --out "
+                        "(e.g. runs made by separate processes or machines)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None,
@@ -51,6 +55,13 @@ def main(args: argparse.Namespace) -> int:
                         corpus=getattr(args, "corpus", None))
     variants = get_variants(args.variants)
     out = Path(args.out or f"runs/{args.task}-{args.size}")
+    if args.report_only:
+        done = [v.name for v in variants if (out / v.name / SUMMARY_NAME).exists()]
+        if not done:
+            raise FileNotFoundError(f"--report-only: no {SUMMARY_NAME} under {out}/<variant>/ for {args.variants}")
+        summaries = [json.loads((out / n / SUMMARY_NAME).read_text()) for n in done]
+        print(write_report(out, recipe, done, summaries))
+        return 0
     t0 = time.perf_counter()
     summaries = run_comparison(
         recipe, variants, out, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,

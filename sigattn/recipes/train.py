@@ -416,6 +416,7 @@ def train(
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)  # atomic: a kill mid-save keeps the old one
 
     model.train()
+    timed_from = start + min(20, (end - start) // 10)
     t0 = time.perf_counter()
     for step in range(start, end):
         # Diagnostics hooks only on the measured steps; their statistics stay on the device until flush.
@@ -439,12 +440,16 @@ def train(
             pending_diag.append((step, diag))
         if bar is not None:
             bar.update(1)
+        if done == timed_from and done < end:
+            # Throughput leaves out the first steps of an invocation (Triton compiles, allocator warm-up).
+            sync()
+            train_time, t0 = 0.0, time.perf_counter()
         boundary = done % recipe.log_every == 0 or done % recipe.eval_every == 0 or done == end
         if not boundary and done % recipe.ckpt_every:
             continue
         sync()
         train_time += time.perf_counter() - t0
-        steps_timed = done - start
+        steps_timed = done - timed_from if done > timed_from else done - start
         if not flush():
             diverged = True
             break
@@ -466,7 +471,8 @@ def train(
         "diverged": diverged, "params": params, "device": str(dev), "world": dist.world,
     })
     if steps_timed and train_time > 0:
-        # Only this invocation's steps (a resumed run times its own part); eval and checkpoints excluded.
+        # Only this invocation's steps after its first ones (a resumed run times its own part); eval and
+        # checkpoints excluded.
         unit = {"lm": "tokens_per_s", "vit": "images_per_s", "asr": "utterances_per_s"}[recipe.task]
         summary[unit] = steps_timed * task.items_per_step / train_time
     if dev.type == "cuda":
