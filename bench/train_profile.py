@@ -33,7 +33,7 @@ def main() -> None:
         opt = _optimizer(model, recipe)
         x = torch.randint(0, 256, (recipe.batch, recipe.context), device=dev)
 
-        def step() -> None:
+        def step(model=model, opt=opt, x=x) -> None:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 logits = model(x)
             F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), x.reshape(-1)).backward()
