@@ -24,6 +24,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=14)
     ap.add_argument("--size", default="gpu")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
     recipe = get_recipe(args.task, args.size)
     dev = torch.device(args.device)
@@ -31,6 +32,8 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_model(recipe, get_variants([name])[0]).to(dev)
         opt = _optimizer(model, recipe)
+        if args.compile:
+            model = torch.compile(model)
         x = torch.randint(0, 256, (recipe.batch, recipe.context), device=dev)
 
         def step(model=model, opt=opt, x=x) -> None:
@@ -58,7 +61,8 @@ def main() -> None:
             sync()
         events = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events) / 3
-        print(f"\n== {args.task} {name}: {wall * 1e3:.2f} ms/step wall, GPU busy {gpu_us / 1e3:.2f} ms/step")
+        tag = " compiled" if args.compile else ""
+        print(f"\n== {args.task} {name}{tag}: {wall * 1e3:.2f} ms/step wall, GPU busy {gpu_us / 1e3:.2f} ms/step")
         print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
 
 

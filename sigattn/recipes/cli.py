@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the size's)")
     parser.add_argument("--out", default=None, help="output directory (default: runs/<task>-<size>)")
     parser.add_argument("--resume", action="store_true", help="continue each variant from its checkpoint")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training step (diagnostic steps and evaluation stay eager)")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the table and curves of the variants whose summary.json is in --out "
                         "(e.g. runs made by separate processes or machines)")
@@ -65,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     summaries = run_comparison(
         recipe, variants, out, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
-        backend=args.backend, amp=not args.no_amp, progress=not args.no_progress,
+        backend=args.backend, amp=not args.no_amp, progress=not args.no_progress, compile=args.compile,
     )
     dist = init_distributed(args.device)
     if dist.world > 1:

@@ -26,6 +26,7 @@ def run_comparison(
     amp: bool = True,
     progress: bool = True,
     plot: bool = True,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Train each variant (same recipe, seed, data order and steps) into out_dir/<variant>/, then write the report.
 
@@ -35,7 +36,7 @@ def run_comparison(
     out = Path(out_dir)
     summaries = [
         train(recipe, v, out / v.name, device=device, seed=seed, resume=resume, data_dir=data_dir,
-              backend=backend, amp=amp, progress=progress)
+              backend=backend, amp=amp, progress=progress, compile=compile)
         for v in variants
     ]
     if init_distributed(device).main:

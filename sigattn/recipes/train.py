@@ -305,6 +305,7 @@ def train(
     amp: bool = True,
     progress: bool = True,
     stop_at: int | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Train `variant` under `recipe` into out_dir; returns the run's summary (also written to summary.json).
 
@@ -318,7 +319,10 @@ def train(
     without it out_dir's old log and checkpoint are replaced. data_dir: the LM's
     corpus root (None: the standard library) or the ViT's Fashion-MNIST directory (None: as
     data.load_images). backend: the sigmoid attention backend. amp: bfloat16 autocast on CUDA (no effect on
-    CPU). stop_at: stop after this many steps, checkpointed, as an interruption would (for tests).
+    CPU). stop_at: stop after this many steps, checkpointed, as an interruption would (for tests). compile:
+    torch.compile the training forward/backward (the models are elementwise-bound in eager mode: fp32 norms,
+    LayerScale, RoPE); the steps that record attention diagnostics and the evaluations run eagerly on the same
+    weights.
     A non-finite training loss ends the run early with ``diverged: true`` in the summary. Records: a train
     loss at step s is that of the s-th update's batch; val at step s is after s updates; attn_norm at step
     s is measured in the forward of batch s, after s updates (s = 0: at initialisation).
@@ -358,6 +362,9 @@ def train(
     if dist.world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
+    # Diagnostics hooks and evaluation use the eager module (hooks would force recompiles); same parameters.
+    step_model: nn.Module = torch.compile(ddp_model) if compile else ddp_model
+
     use_amp = amp and dev.type == "cuda"
 
     def autocast() -> Any:
@@ -370,7 +377,7 @@ def train(
 
     params = sum(p.numel() for p in model.parameters())
     log({"kind": "config", "step": start, "variant": dataclasses.asdict(variant), "recipe": dataclasses.asdict(recipe),
-         "seed": seed, "device": str(dev), "world": dist.world, "amp": use_amp, "params": params,
+         "seed": seed, "device": str(dev), "world": dist.world, "amp": use_amp, "compile": compile, "params": params,
          "resumed": start > 0, **task.data_info()})
     end = recipe.steps if stop_at is None else min(stop_at, recipe.steps)
     if dev.type == "cuda":
@@ -425,7 +432,8 @@ def train(
         x, y = task.batch(step)
         with diag if diag is not None else contextlib.nullcontext():
             with autocast():
-                logits = ddp_model(*x) if isinstance(x, tuple) else ddp_model(x)
+                fwd = ddp_model if measure else step_model
+                logits = fwd(*x) if isinstance(x, tuple) else fwd(x)
             loss = task.loss(logits, y)
             loss.backward()
         if recipe.grad_clip:
@@ -468,7 +476,7 @@ def train(
     summary = summarize(read_log(log_path)) if dist.main else {}
     summary.update({
         "variant": variant.name, "task": recipe.task, "size": recipe.size, "steps": recipe.steps,
-        "diverged": diverged, "params": params, "device": str(dev), "world": dist.world,
+        "diverged": diverged, "params": params, "device": str(dev), "world": dist.world, "compile": compile,
     })
     if steps_timed and train_time > 0:
         # Only this invocation's steps after its first ones (a resumed run times its own part); eval and
