@@ -118,6 +118,62 @@ def use_fused_dq(deterministic: bool, device: torch.device) -> bool:
     return _SM90_FUSED_DQ if _is_sm90(device) else False
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the KV-cache decode kernel (sigattn.ops.decode).
+
+    block_n keys per tile; the M tile is the group's query rows (nheads_q // nheads_kv · seqlen_q) padded to a power
+    of 2 ≥ 16 (tl.dot's minimum), at most max_block_m (more rows take more programs). Split-KV aims at
+    programs_per_sm programs per SM, each with ≥ min_tiles_per_split key tiles, at most max_splits splits.
+    """
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    max_block_m: int = 64
+    programs_per_sm: int = 2
+    min_tiles_per_split: int = 4
+    max_splits: int = 64
+
+
+# Memory-bound: each K/V byte is read once, so the tile must keep enough bytes in flight per SM (~40 KB at
+# 3.35 TB/s and ~1.5 µs of latency over 132 SMs). d=128 bf16: K+V tiles of 64 keys = 32 KB per stage, 3 stages
+# = 96 KB, so two programs fit an SM's 227 KB. Not yet measured on a GPU: `python -m sigattn.bench.decode --sweep`.
+_SM90_DECODE: dict[int, DecodeConfig] = {
+    32: DecodeConfig(128, 4, 3),
+    64: DecodeConfig(128, 4, 3),
+    128: DecodeConfig(64, 4, 3),
+    256: DecodeConfig(32, 4, 3),
+}
+_GENERIC_DECODE = DecodeConfig(64, 4, 2)
+# The interpreter: 16-key tiles so the CPU tests' short caches cross several tiles and split.
+INTERPRETER_DECODE = DecodeConfig(16, 4, 1, max_block_m=32, min_tiles_per_split=1)
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    """Decode kernel config for this head dim / dtype / device (fp32 halves the key tile)."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_DECODE
+    cfg = _decode_pinned.get((head_dim, dtype))
+    if cfg is not None:
+        return cfg
+    if not _is_sm90(device):
+        return _GENERIC_DECODE
+    cfg = _lookup(_SM90_DECODE, head_dim)
+    return replace(cfg, block_n=max(16, cfg.block_n // 2)) if dtype == torch.float32 else cfg
+
+
+_decode_pinned: dict[tuple[int, torch.dtype], DecodeConfig] = {}
+
+
+def set_decode_config(head_dim: int, dtype: torch.dtype, config: DecodeConfig | None) -> None:
+    """Pin (or with None, unpin) the decode kernel config used for (head_dim, dtype) on CUDA."""
+    if config is None:
+        _decode_pinned.pop((head_dim, dtype), None)
+    else:
+        _decode_pinned[(head_dim, dtype)] = config
+
+
 # Opt-in autotune results (filled by `set_forward_config`, e.g. from bench/kernel_probe.py): key
 # ("fwd", head_dim, dtype, causal) -> config. Nothing is tuned implicitly at call time.
 _autotuned: dict[tuple[str, int, torch.dtype, bool], AttnConfig] = {}
