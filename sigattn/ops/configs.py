@@ -125,29 +125,33 @@ class DecodeConfig:
     block_n keys per tile; the M tile is the group's query rows (nheads_q // nheads_kv · seqlen_q) padded to a power
     of 2 ≥ 16 (tl.dot's minimum), at most max_block_m (more rows take more programs). Split-KV aims at
     programs_per_sm programs per SM, each with ≥ min_tiles_per_split key tiles, at most max_splits splits.
+    num_stages_paged: the paged kernel's block-id loads take pipeline stages of their own (sm_90 TTGIR: 3 stages
+    give K/V one buffer, 5 give two), so it needs 2 more stages than the contiguous kernel for the same buffering.
     """
 
     block_n: int
     num_warps: int
     num_stages: int
+    num_stages_paged: int
     max_block_m: int = 64
     programs_per_sm: int = 2
     min_tiles_per_split: int = 4
     max_splits: int = 64
 
 
-# Memory-bound: each K/V byte is read once, so the tile must keep enough bytes in flight per SM (~40 KB at
-# 3.35 TB/s and ~1.5 µs of latency over 132 SMs). d=128 bf16: K+V tiles of 64 keys = 32 KB per stage, 3 stages
-# = 96 KB, so two programs fit an SM's 227 KB. Not yet measured on a GPU: `python -m sigattn.bench.decode --sweep`.
+# Memory-bound: every K/V byte is read once, so each SM must keep ~bandwidth x latency / SMs = 3.35 TB/s x ~1 µs
+# / 132 ≈ 25 KB in flight. d=128 bf16, 64-key tiles: K+V = 32 KB per buffer; 3 stages (2 buffers, cp.async) take
+# 72 KB of shared memory and 112 registers, no spills (sm_90 ptxas with launch-time specialisation), so 3 programs
+# fit an SM. Not yet measured on a GPU: `python -m sigattn.bench.decode --sweep` compares candidates.
 _SM90_DECODE: dict[int, DecodeConfig] = {
-    32: DecodeConfig(128, 4, 3),
-    64: DecodeConfig(128, 4, 3),
-    128: DecodeConfig(64, 4, 3),
-    256: DecodeConfig(32, 4, 3),
+    32: DecodeConfig(128, 4, 3, 5),
+    64: DecodeConfig(128, 4, 3, 5),
+    128: DecodeConfig(64, 4, 3, 5),
+    256: DecodeConfig(32, 4, 3, 5),
 }
-_GENERIC_DECODE = DecodeConfig(64, 4, 2)
+_GENERIC_DECODE = DecodeConfig(64, 4, 2, 4)
 # The interpreter: 16-key tiles so the CPU tests' short caches cross several tiles and split.
-INTERPRETER_DECODE = DecodeConfig(16, 4, 1, max_block_m=32, min_tiles_per_split=1)
+INTERPRETER_DECODE = DecodeConfig(16, 4, 1, 1, max_block_m=32, min_tiles_per_split=1)
 
 
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:

@@ -326,7 +326,7 @@ def sigmoid_attn_kvcache(
         BLOCK_N=cfg.block_n,
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages_paged if paged else cfg.num_stages,
     )
     if num_splits > 1:
         n_rows = batch * seqlen_q * nheads_q
