@@ -217,6 +217,20 @@ def choose_num_splits(programs: int, keys: int, cfg: DecodeConfig, device: torch
     return int(min(by_grid, by_work, cfg.max_splits))
 
 
+def launch_plan(
+    batch: int, seqlen_q: int, nheads_q: int, nheads_kv: int, visible_keys: int, cfg: DecodeConfig,
+    device: torch.device, num_splits: int | None = None,
+) -> tuple[int, int, int]:
+    """(block_m, m_blocks, num_splits) of a decode launch: the group's rows padded to a power of 2 >= 16 (tl.dot),
+    at most cfg.max_block_m per program; splits from choose_num_splits unless forced."""
+    rows = nheads_q // nheads_kv * seqlen_q
+    block_m = min(cfg.max_block_m, max(16, triton.next_power_of_2(rows)))
+    m_blocks = triton.cdiv(rows, block_m)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch * nheads_kv * m_blocks, visible_keys, cfg, device)
+    return block_m, m_blocks, num_splits
+
+
 def append_kv(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -293,12 +307,10 @@ def sigmoid_attn_kvcache(
     cfg = config or decode_config(head_dim, q.dtype, q.device)
     left, right = window_bounds(seqlen_q, max_len, causal, window_left, window_right)
     group = nheads_q // nheads_kv
-    block_m = min(cfg.max_block_m, max(16, triton.next_power_of_2(group * seqlen_q)))
-    m_blocks = triton.cdiv(group * seqlen_q, block_m)
+    visible_keys = min(max_len, left + right + seqlen_q)
+    block_m, m_blocks, num_splits = launch_plan(batch, seqlen_q, nheads_q, nheads_kv, visible_keys, cfg, q.device,
+                                                num_splits)
     programs = batch * nheads_kv * m_blocks
-    if num_splits is None:
-        visible_keys = min(max_len, left + right + seqlen_q)
-        num_splits = choose_num_splits(programs, visible_keys, cfg, q.device)
     dest = out
     if num_splits > 1:
         dest = torch.empty((num_splits,) + tuple(out.shape), dtype=torch.float32, device=q.device)
