@@ -23,11 +23,12 @@ The bias b (``sigmoid(scale * q @ k^T + b) @ v``) is one fixed number per model,
    without it the token count ``(image_size // patch_size) ** 2 + 1`` (patches plus the class token).
 
 Paths: calls with no mask (no padding; plain causal or bidirectional) and no attention dropout run sigmoid_attn_func
-(the Triton kernels on CUDA); among them, cached decode steps (q_length <= 16, q_length < kv_length, nothing requiring
-grad) run sigmoid_attn_with_kvcache over the cache's tensors (the decode kernel on CUDA: each K/V byte read once per
-GQA group, split-KV for small batches). Padded batches, packed sequences, sliding-window layers (Mistral), static
-caches (their mask covers the unfilled slots) and attention dropout run the reference with transformers'
-materialised bool mask: correct, not fused. K/V live in transformers' own Cache objects (DynamicCache,
+(the Triton kernels on CUDA); among them, cached decode steps (q_length < kv_length, q_length <= 16, nothing
+requiring grad) run sigmoid_attn_with_kvcache over the cache's tensors (the decode kernel on CUDA: each K/V byte read
+once per GQA group, split-KV for small batches). transformers skips the mask of cached steps only for one query, so
+in practice these are the single-token steps of generate(). Padded batches, packed sequences, sliding-window
+layers (Mistral), static caches (their mask covers the unfilled slots) and attention dropout run the reference with
+transformers' materialised bool mask: correct, not fused. K/V live in transformers' own Cache objects (DynamicCache,
 StaticCache), not in sigattn.nn.KVCache; transformers' paged continuous-batching cache is not supported.
 
 Set ``sigmoid_attn_train_seqlen`` when the model was (or will be) trained at a length other than

@@ -347,11 +347,18 @@ def test_decoder_on_gpu_uses_kernels_within_budget(family, dtype, impl, monkeypa
 
 
 @pytest.mark.gpu
-def test_generate_on_gpu_with_cache_equals_without():
+def test_generate_on_gpu_with_cache_equals_without(monkeypatch):
+    """The cached steps run the decode kernel (auto on CUDA), the uncached ones the dense kernel."""
+    from sigattn.ops import decode
+
+    calls = []
+    real = decode.sigmoid_attn_kvcache
+    monkeypatch.setattr(decode, "sigmoid_attn_kvcache", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _decoder("llama", torch.float32, hidden_size=64, num_attention_heads=2, num_key_value_heads=1).cuda()
     ids = torch.randint(1, VOCAB, (2, 12), device="cuda")
     mask = torch.ones_like(ids)
     seq, logits = _greedy(model, ids, mask, use_cache=True)
+    assert calls
     seq_nc, logits_nc = _greedy(model, ids, mask, use_cache=False)
     assert torch.equal(seq, seq_nc)
     torch.testing.assert_close(logits, logits_nc, rtol=1e-4, atol=1e-4)
