@@ -305,7 +305,8 @@ def sigmoid_attn_with_kvcache(
     heads of a GQA group share one read of each cached K/V byte, and short batches split each sequence's keys across
     SMs (partial outputs add in fp32: sigmoid has no normaliser). Inference only: with inputs that require grad
     it raises, and "auto" runs the reference. "auto" runs the kernel on CUDA whenever it serves the call.
-    An int cache_seqlens costs no host sync; a tensor is read once on the host for the argument checks.
+    The argument checks read a cache_seqlens tensor and a block_table back to the host (one sync per call); an int
+    cache_seqlens with a contiguous cache needs no read.
 
     Returns:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.

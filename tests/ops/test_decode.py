@@ -124,10 +124,11 @@ def test_paged_matches_reference_and_contiguous_bitwise(page, device):
     assert torch.equal(paged, contiguous)
 
 
-@pytest.mark.parametrize("sq", [1, 2, 7, 16])
-def test_seqlen_q_up_to_16(sq, device):
-    """group 4 x seqlen_q rows: 16 rows pad a 16-row tile; 28 and 64 rows take 1 and 2 tiles of 32 (interpreter)."""
-    check_case(1, sq, sq, 8, 2, 16, [21], 40, torch.float16, device, causal=True)
+@pytest.mark.parametrize("sq", [1, 2, 7, 16, 33])
+def test_seqlen_q(sq, device):
+    """group 4 x seqlen_q rows: 4 and 8 rows pad a 16-row tile; 28, 64 and 132 rows take 1, 2 and 5 tiles of 32
+    (interpreter), each with its own causal key range; 33 queries: chunked prefill onto a cache."""
+    check_case(1, sq, sq, 8, 2, 16, [21], 56, torch.float16, device, causal=True)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
@@ -281,6 +282,13 @@ def test_gpu_bf16_decode(sq, page, impl, device):
 def test_gpu_bf16_long_context_split_kv(page, device):
     """Batch 1 at 32k keys: the heuristic splits across SMs."""
     check_case(1, 1, 1, 32, 8, 128, [32767], 32768 + 256, torch.bfloat16, device, causal=True, page=page)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 256])
+def test_gpu_chunked_prefill(page, device):
+    """300 queries onto caches of 0 and 1000 tokens: 75 M tiles per kv head, causal key ranges per tile."""
+    check_case(2, 300, 300, 32, 8, 128, [0, 1000], 1536, torch.bfloat16, device, causal=True, page=page)
 
 
 @pytest.mark.gpu
