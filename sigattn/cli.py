@@ -97,7 +97,27 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from sigattn.bench import run
 
+    if args.decode:
+        return _bench_decode(args)
     return run.main(args)
+
+
+def _bench_decode(args: argparse.Namespace) -> int:
+    """`sigattn bench --decode`: the decode benchmark (python -m sigattn.bench.decode has all its options); takes
+    --device, --out, --dtype, --batch, --seqlens (contexts), --warmup, --rep from the bench options."""
+    from sigattn.bench import decode
+
+    parser = argparse.ArgumentParser()
+    decode.add_arguments(parser)
+    dargs = parser.parse_args([])
+    dargs.device, dargs.out, dargs.warmup, dargs.rep = args.device, args.out, args.warmup, args.rep
+    if args.dtype:
+        dargs.dtype = args.dtype
+    if args.batch:
+        dargs.batches = str(args.batch)
+    if args.seqlens:
+        dargs.contexts = args.seqlens
+    return decode.main(dargs)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -142,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("bench", help="benchmark sweep against SDPA softmax baselines and peers")
     run.add_arguments(p)
+    p.add_argument("--decode", action="store_true",
+                   help="the KV-cache decode benchmark instead (GB/s vs device copy; python -m sigattn.bench.decode)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser(
         "diagnose", help="per-layer attention statistics at init; --theory adds the regularity/doubling checks"

@@ -23,8 +23,13 @@ The bias b (``sigmoid(scale * q @ k^T + b) @ v``) is one fixed number per model,
    without it the token count ``(image_size // patch_size) ** 2 + 1`` (patches plus the class token).
 
 Paths: calls with no mask (no padding; plain causal or bidirectional) and no attention dropout run sigmoid_attn_func
-(the Triton kernels on CUDA); padded batches, packed sequences, sliding-window layers (Mistral) and attention
-dropout run the reference with transformers' materialised bool mask: correct, not fused.
+(the Triton kernels on CUDA); among them, cached decode steps (q_length < kv_length, q_length <= 16, nothing
+requiring grad) run sigmoid_attn_with_kvcache over the cache's tensors (the decode kernel on CUDA: each K/V byte read
+once per GQA group, split-KV for small batches). transformers skips the mask of cached steps only for one query, so
+in practice these are the single-token steps of generate(). Padded batches, packed sequences, sliding-window
+layers (Mistral), static caches (their mask covers the unfilled slots) and attention dropout run the reference with
+transformers' materialised bool mask: correct, not fused. K/V live in transformers' own Cache objects (DynamicCache,
+StaticCache), not in sigattn.nn.KVCache; transformers' paged continuous-batching cache is not supported.
 
 Set ``sigmoid_attn_train_seqlen`` when the model was (or will be) trained at a length other than
 max_position_embeddings (e.g. Llama configs that advertise a 128k context). The bias does not follow the length
@@ -41,13 +46,15 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sigattn.ops.api import scaled_dot_product_sigmoid_attention, sigmoid_attn_func
+from sigattn.ops.api import scaled_dot_product_sigmoid_attention, sigmoid_attn_func, sigmoid_attn_with_kvcache
 from sigattn.ops.reference import visible_mask
 from sigattn.ops.validation import BACKENDS, SIGMOID_IMPLS, check_choice
 
 __all__ = ["attention_bias", "config_bias", "make_attention_forward", "register", "sigmoid_mask"]
 
 NAME = "sigmoid"
+# Longest query chunk sent to the decode kernel (speculative decoding); longer chunks take the dense kernel.
+DECODE_MAX_SEQLEN_Q = 16
 
 
 def _pair(x: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -134,7 +141,8 @@ def make_attention_forward(*, sigmoid_impl: str = "fast", backend: str = "auto")
         nheads_k < nheads). attention_mask: None, or bool / additive float broadcastable to
         (batch, 1 or nheads, seqlen_q, seqlen_k) (cached decoding: the mask is bottom-right aligned by transformers).
         With no mask, causal comes from `is_causal` or else `module.is_causal` (default True), aligned bottom-right.
-        No mask and no dropout run sigmoid_attn_func (the Triton kernels on CUDA); otherwise the SDPA-style function.
+        No mask and no dropout run sigmoid_attn_func (the Triton kernels on CUDA), or for cached steps of up to 16
+        queries sigmoid_attn_with_kvcache (the decode kernel on CUDA); otherwise the SDPA-style function.
 
         Returns ((batch, seqlen_q, nheads, headdim), None): attention weights are never materialised.
         """
@@ -149,10 +157,20 @@ def make_attention_forward(*, sigmoid_impl: str = "fast", backend: str = "auto")
         sq, sk = query.shape[2], key.shape[2]
         dropout = float(dropout or 0.0)
         if attention_mask is None and dropout == 0.0:
-            out = sigmoid_attn_func(
-                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                bias=bias, scale=scaling, causal=causal, sigmoid_impl=sigmoid_impl, backend=backend,
+            q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+            needs_grad = torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, bias)
             )
+            if 1 <= sq <= DECODE_MAX_SEQLEN_Q and sq < sk and not needs_grad:
+                # A cached step: key/value already hold this step's tokens, so the "cache" is all sk of them.
+                out = sigmoid_attn_with_kvcache(
+                    q, k, v, cache_seqlens=sk, bias=bias, scale=scaling, causal=causal,
+                    sigmoid_impl=sigmoid_impl, backend=backend,
+                )
+            else:
+                out = sigmoid_attn_func(
+                    q, k, v, bias=bias, scale=scaling, causal=causal, sigmoid_impl=sigmoid_impl, backend=backend,
+                )
             return out, None
         mask = attention_mask
         if mask is None:

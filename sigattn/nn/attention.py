@@ -168,7 +168,8 @@ class SigmoidAttention(nn.Module):
             ``kv_cache.seqlens[b] ..`` (RoPE and ALiBi use those absolute positions) and the queries
             attend over everything cached so far. The cache's seqlens is not advanced here: every layer
             of a model writes at the same offset, so the caller calls ``kv_cache.advance(seqlen)``
-            after the last layer.
+            after the last layer. Contiguous and paged caches both work; on CUDA the sigmoid step runs the
+            decode kernel (sigmoid_attn_with_kvcache).
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seqlen, dim = {self.dim}); got {tuple(x.shape)}")
@@ -178,7 +179,7 @@ class SigmoidAttention(nn.Module):
             raise ValueError("attn_mask must be a bool tensor, and cannot be combined with a KV cache or ALiBi")
         positions: torch.Tensor | int = 0
         if kv_cache is not None:
-            kv_cache.check_room(seqlen)
+            kv_cache.reserve(seqlen)
             positions = kv_cache.seqlens.long()[:, None] + torch.arange(seqlen, device=x.device)
         q, k, v = self.project(x, positions)
 
@@ -194,7 +195,7 @@ class SigmoidAttention(nn.Module):
         else:
             k_cache, v_cache = kv_cache.layer(self.layer_idx)
             out = sigmoid_attn_with_kvcache(
-                q, k_cache, v_cache, k, v, cache_seqlens=kv_cache.seqlens, bias=self.attn_bias,
+                q, k_cache, v_cache, k, v, cache_seqlens=kv_cache.cache_seqlens(), bias=self.attn_bias,
                 block_table=kv_cache.block_table, scale=self.scale, causal=self.causal,
                 alibi_slopes=self.alibi_slopes, sigmoid_impl=self.sigmoid_impl, backend=self.backend,
             )
@@ -244,9 +245,7 @@ class SigmoidAttention(nn.Module):
         if kv_cache is not None:
             kv_cache.write(self.layer_idx, k, v)
             start = kv_cache.seqlens.long()
-            k_cache, v_cache = kv_cache.layer(self.layer_idx)
-            seqlen_k = int(start.max().item()) + seqlen
-            k, v = k_cache[:, :seqlen_k], v_cache[:, :seqlen_k]
+            k, v = kv_cache.gather(self.layer_idx, max(kv_cache.lengths) + seqlen)
         groups = self.nheads // self.nheads_kv
         # Repeat instead of SDPA's enable_gqa, which needs torch >= 2.5 (we support 2.4).
         k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)

@@ -299,8 +299,14 @@ def sigmoid_attn_with_kvcache(
         scale, causal (bottom-right aligned to each sequence's new length), window_size, alibi_slopes,
         sigmoid_impl, backend: as sigmoid_attn_func.
 
-    Backends: the reference today; the Triton decode kernel is not implemented yet, so backend="triton"
-    raises.
+    Backends: "triton" runs the decode kernel (sigattn.ops.decode; the Triton interpreter on CPU): float16,
+    bfloat16 and float32 (matmuls in 3xTF32, as the dense kernels), head dims 16-256, any seqlen_q (tuned for 1-16:
+    speculative decoding), contiguous or paged caches of any page size, with unit stride along headdim. The query
+    heads of a GQA group share one read of each cached K/V byte, and short batches split each sequence's keys across
+    SMs (partial outputs add in fp32: sigmoid has no normaliser). Inference only: with inputs that require grad
+    it raises, and "auto" runs the reference. "auto" runs the kernel on CUDA whenever it serves the call.
+    The argument checks read a cache_seqlens tensor and a block_table back to the host (one sync per call); an int
+    cache_seqlens with a contiguous cache needs no read.
 
     Returns:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
@@ -342,8 +348,9 @@ def sigmoid_attn_with_kvcache(
         if k_cache.shape[0] != b:
             raise ValueError(f"k_cache must have q's batch size {b} in dim 0; got shape {tuple(k_cache.shape)}")
         capacity = k_cache.shape[1]
+    lens = [cache_seqlens] * b if isinstance(cache_seqlens, int) else None
     cache_seqlens = _check_cache_seqlens(cache_seqlens, b, q.device)
-    lens = cache_seqlens.tolist()
+    lens = cache_seqlens.tolist() if lens is None else lens
     if any(n < 0 for n in lens):
         raise ValueError(f"cache_seqlens must be >= 0; got {lens}")
     if lens and max(lens) + seqlen_new > capacity:
@@ -359,11 +366,36 @@ def sigmoid_attn_with_kvcache(
     alibi = check_alibi(alibi_slopes, b, hq, q.device)
     check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
     check_choice("backend", backend, BACKENDS)
-    _resolve_backend(backend, q.device, "the Triton KV-cache decode kernel is not implemented yet")
-    return reference.sigmoid_attn_with_kvcache(
-        q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, bias=bias, scale=scale,
-        causal=causal, window_size=window, alibi_slopes=alibi, block_table=block_table,
-    )
+    gap = _kvcache_triton_gap(q, k_cache, v_cache, [*tensors.values(), bias, alibi])
+    match _resolve_backend(backend, q.device, gap):
+        case "triton":
+            from sigattn.ops import decode
+
+            if alibi is not None:
+                alibi = alibi.expand(b, hq)
+            return decode.sigmoid_attn_kvcache(
+                q, k_cache, v_cache, k, v, cache_seqlens, block_table, _per_head_bias(bias, hq, q.device), scale,
+                causal, window[0], window[1], alibi, sigmoid_impl, max_seqlen_k=max(lens, default=0) + seqlen_new,
+            )
+        case _:
+            return reference.sigmoid_attn_with_kvcache(
+                q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, bias=bias, scale=scale,
+                causal=causal, window_size=window, alibi_slopes=alibi, block_table=block_table,
+            )
+
+
+def _kvcache_triton_gap(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tensors: list[object]
+) -> str | None:
+    """Why the decode kernel cannot serve this KV-cache call, or None."""
+    gap = _dense_triton_gap(q, None)
+    if gap is not None:
+        return gap
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        return "a k_cache/v_cache without unit stride along headdim (the kernel appends into it in place)"
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        return "inputs that require grad (the decode kernel is inference-only; the reference has a backward)"
+    return None
 
 
 def _check_cache_seqlens(cache_seqlens: object, batch: int, device: torch.device) -> torch.Tensor:

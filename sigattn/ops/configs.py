@@ -118,6 +118,70 @@ def use_fused_dq(deterministic: bool, device: torch.device) -> bool:
     return _SM90_FUSED_DQ if _is_sm90(device) else False
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the KV-cache decode kernel (sigattn.ops.decode).
+
+    block_n keys per tile; the M tile is the group's query rows (nheads_q // nheads_kv · seqlen_q) padded to a power
+    of 2 ≥ 16 (tl.dot's minimum), at most max_block_m (more rows take more programs). Split-KV aims at
+    programs_per_sm programs per SM, each with ≥ min_tiles_per_split key tiles, at most max_splits splits.
+    num_stages_paged: the paged kernel's block-id loads take pipeline stages of their own (sm_90 TTGIR: 3 stages
+    give K/V one buffer, 5 give two), so it needs 2 more stages than the contiguous kernel for the same buffering.
+    """
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_stages_paged: int
+    max_block_m: int = 64
+    programs_per_sm: int = 2
+    min_tiles_per_split: int = 4
+    max_splits: int = 64
+
+
+# Memory-bound: every K/V byte is read once, so each SM must keep ~bandwidth x latency / SMs = 3.35 TB/s x ~1 µs
+# / 132 ≈ 25 KB in flight. d=128 bf16, 64-key tiles: K+V = 32 KB per buffer; 3 stages (2 buffers, cp.async) take
+# 72 KB of shared memory and 112 registers, no spills (sm_90 ptxas with launch-time specialisation), so 3 programs
+# fit an SM. Not yet measured on a GPU: `python -m sigattn.bench.decode --sweep` compares candidates.
+_SM90_DECODE: dict[int, DecodeConfig] = {
+    32: DecodeConfig(128, 4, 3, 5),
+    64: DecodeConfig(128, 4, 3, 5),
+    128: DecodeConfig(64, 4, 3, 5),
+    256: DecodeConfig(32, 4, 3, 5),
+}
+_GENERIC_DECODE = DecodeConfig(64, 4, 2, 4)
+# The interpreter: 16-key tiles so the CPU tests' short caches cross several tiles and split.
+INTERPRETER_DECODE = DecodeConfig(16, 4, 1, 1, max_block_m=32, min_tiles_per_split=1)
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    """Decode kernel config for this head dim / dtype / device (fp32 halves the key tile and drops a stage: d=256
+    with 64 query rows then takes 192 KiB of shared memory instead of 224 KiB, next to the 227 KiB limit)."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_DECODE
+    cfg = _decode_pinned.get((head_dim, dtype))
+    if cfg is not None:
+        return cfg
+    if not _is_sm90(device):
+        return _GENERIC_DECODE
+    cfg = _lookup(_SM90_DECODE, head_dim)
+    if dtype != torch.float32:
+        return cfg
+    return replace(cfg, block_n=max(16, cfg.block_n // 2), num_stages=max(2, cfg.num_stages - 1),
+                   num_stages_paged=max(2, cfg.num_stages_paged - 1))
+
+
+_decode_pinned: dict[tuple[int, torch.dtype], DecodeConfig] = {}
+
+
+def set_decode_config(head_dim: int, dtype: torch.dtype, config: DecodeConfig | None) -> None:
+    """Pin (or with None, unpin) the decode kernel config used for (head_dim, dtype) on CUDA."""
+    if config is None:
+        _decode_pinned.pop((head_dim, dtype), None)
+    else:
+        _decode_pinned[(head_dim, dtype)] = config
+
+
 # Opt-in autotune results (filled by `set_forward_config`, e.g. from bench/kernel_probe.py): key
 # ("fwd", head_dim, dtype, causal) -> config. Nothing is tuned implicitly at call time.
 _autotuned: dict[tuple[str, int, torch.dtype, bool], AttnConfig] = {}

@@ -195,6 +195,26 @@ def test_generate_static_cache_equals_dynamic():
     torch.testing.assert_close(logits, logits_s, rtol=1e-9, atol=1e-9)
 
 
+def test_generate_decode_steps_run_the_decode_kernel(monkeypatch):
+    """Unpadded cached steps go to sigmoid_attn_with_kvcache: on backend="triton" (the interpreter here) the decode
+    kernel, whose greedy generation equals the reference without a cache."""
+    from sigattn.ops import decode
+
+    calls = []
+    real = decode.sigmoid_attn_kvcache
+    monkeypatch.setattr(decode, "sigmoid_attn_kvcache", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    sighf.register("sigmoid_triton", backend="triton", sigmoid_impl="accurate")
+    model = _decoder("llama", torch.float32, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    ids = torch.randint(1, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    seq_ref, logits_ref = _greedy(model, ids, mask, use_cache=False)
+    model.set_attn_implementation("sigmoid_triton")
+    seq, logits = _greedy(model, ids, mask, use_cache=True)
+    assert calls and all(shape[1] == 1 for shape in calls)  # 2 layers x 5 cached steps, one query each
+    assert torch.equal(seq, seq_ref)
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_dropout_training_is_causal_and_differentiable():
     model = _decoder("llama", attention_dropout=0.3).train()
     ids = torch.randint(1, VOCAB, (2, 9))
@@ -327,11 +347,18 @@ def test_decoder_on_gpu_uses_kernels_within_budget(family, dtype, impl, monkeypa
 
 
 @pytest.mark.gpu
-def test_generate_on_gpu_with_cache_equals_without():
+def test_generate_on_gpu_with_cache_equals_without(monkeypatch):
+    """The cached steps run the decode kernel (auto on CUDA), the uncached ones the dense kernel."""
+    from sigattn.ops import decode
+
+    calls = []
+    real = decode.sigmoid_attn_kvcache
+    monkeypatch.setattr(decode, "sigmoid_attn_kvcache", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _decoder("llama", torch.float32, hidden_size=64, num_attention_heads=2, num_key_value_heads=1).cuda()
     ids = torch.randint(1, VOCAB, (2, 12), device="cuda")
     mask = torch.ones_like(ids)
     seq, logits = _greedy(model, ids, mask, use_cache=True)
+    assert calls
     seq_nc, logits_nc = _greedy(model, ids, mask, use_cache=False)
     assert torch.equal(seq, seq_nc)
     torch.testing.assert_close(logits, logits_nc, rtol=1e-4, atol=1e-4)

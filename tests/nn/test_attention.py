@@ -129,8 +129,8 @@ def test_learnable_bias_gradient_matches_float64_autograd() -> None:
     torch.testing.assert_close(got, m.attn_bias.grad, **TOL)
 
 
-def _decode(m: SigmoidAttention, x: torch.Tensor, prefill: int) -> torch.Tensor:
-    cache = KVCache(1, x.shape[0], x.shape[1] + 2, m.nheads_kv, m.head_dim, dtype=x.dtype)
+def _decode(m: SigmoidAttention, x: torch.Tensor, prefill: int, page_size: int | None = None) -> torch.Tensor:
+    cache = KVCache(1, x.shape[0], x.shape[1] + 2, m.nheads_kv, m.head_dim, dtype=x.dtype, page_size=page_size)
     outs = [m(x[:, :prefill], kv_cache=cache)]
     cache.advance(prefill)
     for t in range(prefill, x.shape[1]):
@@ -143,21 +143,25 @@ def _decode(m: SigmoidAttention, x: torch.Tensor, prefill: int) -> torch.Tensor:
 @pytest.mark.parametrize("attention", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("positional", ["rope", "alibi"])
 @pytest.mark.parametrize("nheads_kv", [1, 4])
-def test_decode_with_cache_equals_full_causal_forward(attention: str, positional: str, nheads_kv: int) -> None:
+@pytest.mark.parametrize("page_size", [None, 4])
+def test_decode_with_cache_equals_full_causal_forward(
+    attention: str, positional: str, nheads_kv: int, page_size: int | None
+) -> None:
     m = SigmoidAttention(DIM, NHEADS, nheads_kv=nheads_kv, attention=attention, positional=positional,
                          qk_norm="rms", causal=True, dtype=torch.float64)
     x = torch.randn(2, 11, DIM, dtype=torch.float64)
-    torch.testing.assert_close(_decode(m, x, prefill=4), m(x), **TOL)
+    torch.testing.assert_close(_decode(m, x, prefill=4, page_size=page_size), m(x), **TOL)
 
 
 @pytest.mark.parametrize("attention", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("positional", ["rope", "alibi"])
-def test_decode_with_different_lengths_per_sequence(attention: str, positional: str) -> None:
+@pytest.mark.parametrize("page_size", [None, 2])
+def test_decode_with_different_lengths_per_sequence(attention: str, positional: str, page_size: int | None) -> None:
     """Sequences at cache positions 3 and 5: each new token sees exactly its own prefix at its own position."""
     m = SigmoidAttention(DIM, NHEADS, nheads_kv=2, attention=attention, positional=positional, causal=True,
                          dtype=torch.float64)
     x = torch.randn(2, 6, DIM, dtype=torch.float64)
-    cache = KVCache(1, 2, 8, 2, DIM // NHEADS, dtype=torch.float64)
+    cache = KVCache(1, 2, 8, 2, DIM // NHEADS, dtype=torch.float64, page_size=page_size)
     m(x[:, :5], kv_cache=cache)
     cache.advance(torch.tensor([3, 5], dtype=torch.int32))  # sequence 0 keeps 3 tokens; slots 3, 4 are stale
     new = x[:, 5:6]
@@ -165,6 +169,19 @@ def test_decode_with_different_lengths_per_sequence(attention: str, positional: 
     for b, n in enumerate((3, 5)):
         full = m(torch.cat((x[b : b + 1, :n], new[b : b + 1]), dim=1))
         torch.testing.assert_close(got[b], full[0, -1:], **TOL)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+def test_decode_on_the_triton_kernel_matches_reference(page_size: int | None) -> None:
+    """The decode step through the Triton kernel (interpreter on CPU) against the same module on the reference."""
+    kw = dict(nheads_kv=2, positional="rope", causal=True, train_seqlen=64)
+    m = SigmoidAttention(64, 4, **kw, backend="triton", sigmoid_impl="accurate")
+    ref = SigmoidAttention(64, 4, **kw, backend="reference")
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 21, 64)
+    with torch.no_grad():  # the kernel is inference-only: with grad enabled, backend="triton" raises
+        got, want = _decode(m, x, prefill=17, page_size=page_size), _decode(ref, x, prefill=17, page_size=page_size)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_softmax_mode_matches_sdpa_module_free() -> None:
