@@ -211,15 +211,17 @@ def test_block_major_grid_order_same_result(deterministic, device):
 
 
 def poisoned_neighbour_check(q, k, v, do, poison_rows, clean_rows, fwd, bwd):
-    """Plant +inf/NaN in `poison_rows` (a tuple index into q, k, v, do, one tensor at a time): outputs and gradients
-    at `clean_rows` must be unchanged (bitwise), so no 0 * inf from a boundary tile reaches another sequence."""
+    """Plant +inf/NaN in poison_rows = (q-side index, k-side index), one tensor of q, k, v, dO at a time: outputs
+    and gradients at clean_rows = (q-side, k-side) must be unchanged (bitwise), so no 0 * inf from a boundary
+    tile reaches another sequence."""
     clean = [fwd(q, k, v)] + list(bwd(do, q, k, v)[:3])
     for i in range(4):
         args = [t.clone() for t in (q, k, v, do)]
-        bad = args[i][poison_rows]
+        rows = poison_rows[1] if i in (1, 2) else poison_rows[0]
+        bad = args[i][rows]
         bad[..., ::2] = float("inf")
         bad[..., 1::2] = float("nan")
-        args[i][poison_rows] = bad
+        args[i][rows] = bad
         got = [fwd(*args[:3])] + list(bwd(args[3], *args[:3])[:3])
         for name, x, y in zip(("out", "dq", "dk", "dv"), got, clean):
             rows = clean_rows[0] if name in ("out", "dq") else clean_rows[1]
@@ -242,7 +244,7 @@ def test_nonfinite_next_batch_does_not_leak(use_tma, deterministic, device):
     def bwd(do_, q_, k_, v_):
         return sigmoid_attn_bwd(do_, q_, k_, v_, *args[:-1], deterministic, "accurate", use_tma=use_tma)
 
-    poisoned_neighbour_check(q, k, v, do, (1, slice(0, 8)), ((0,), (0,)), fwd, bwd)
+    poisoned_neighbour_check(q, k, v, do, ((1, slice(0, 8)),) * 2, ((0,), (0,)), fwd, bwd)
 
 
 # GPU only (marked gpu, skipped on CPU): bf16, real tile sizes, long sequences, 64-bit addressing.
@@ -262,7 +264,7 @@ def test_gpu_nonfinite_next_batch_does_not_leak(d, deterministic, device):
     def bwd(do_, q_, k_, v_):
         return sigmoid_attn_bwd(do_, q_, k_, v_, *args[:-1], deterministic, "fast", fused_dq=not deterministic)
 
-    poisoned_neighbour_check(q, k, v, do, (1, slice(0, 40)), ((0,), (0,)), fwd, bwd)
+    poisoned_neighbour_check(q, k, v, do, ((1, slice(0, 40)),) * 2, ((0,), (0,)), fwd, bwd)
 
 
 @pytest.mark.gpu
