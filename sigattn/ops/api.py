@@ -229,10 +229,11 @@ def sigmoid_attn_varlen_func(
         sigmoid_impl, backend: as sigmoid_attn_func, per sequence (causal aligned bottom-right within
             each sequence).
 
-    Backends: "auto" runs the Triton kernels on CUDA (the dense kernels' VARLEN form: one program per block of
-    a sequence, blocks past a sequence's end idle) and the reference elsewhere; "triton" serves the same calls as
-    sigmoid_attn_func's ("float16/bfloat16/float32", head dims 16-256, alibi_slopes without grad) and raises for
-    the others.
+    Backends: "auto" runs the Triton kernels on CUDA (the dense kernels' VARLEN form: one program per query or
+    key block of a sequence; the grid is sized by the longest sequence and blocks past a shorter one's end idle)
+    and the reference elsewhere. "triton" serves what it serves for sigmoid_attn_func (float16, bfloat16 and
+    float32, head dims 16-256, alibi_slopes without grad) and raises for the rest. Validation reads cu_seqlens on
+    the host (one device sync per call).
 
     Returns:
         out: (total_q, nheads, headdim), dtype of q.
@@ -269,8 +270,10 @@ def sigmoid_attn_varlen_func(
             batch = len(cu_q) - 1
             if alibi is not None:
                 alibi = alibi.expand(batch, hq).contiguous()
+            # The longest sequences size the kernels' grids; a generous max_seqlen would only add idle programs.
+            longest_q, longest_k = (max(b - a for a, b in zip(c, c[1:])) for c in (cu_q, cu_k))
             return custom_ops.sigmoid_attn_varlen(
-                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                q, k, v, cu_seqlens_q, cu_seqlens_k, longest_q, longest_k,
                 _varlen_bias(bias, cu_k, hq, q.device), scale, causal, window[0], window[1], alibi, deterministic,
                 sigmoid_impl,
             )

@@ -189,7 +189,7 @@ def test_api_triton_matches_reference(bias, device):
     for backend in ("triton", "reference"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         b = bias.clone().requires_grad_() if isinstance(bias, torch.Tensor) else bias
-        out = sigmoid_attn_varlen_func(*leaves, varlen.cu_seqlens_q, varlen.cu_seqlens_k, 17, 17, bias=b,
+        out = sigmoid_attn_varlen_func(*leaves, varlen.cu_seqlens_q, varlen.cu_seqlens_k, 40, 33, bias=b,
                                        causal=True, sigmoid_impl="accurate", backend=backend)
         wrt = leaves + ([b] if isinstance(b, torch.Tensor) else [])
         results.append([out, *torch.autograd.grad(out, wrt, do)])
