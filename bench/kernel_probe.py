@@ -318,9 +318,11 @@ def causal_experiments(ns: list[int], ds: list[int], impl: str) -> list[str]:
     return rows
 
 
-def ptxas_report(kernel: str, d: int, cfg: tuple[int, ...], fused: bool = False, tma: bool = True) -> str:
+def ptxas_report(kernel: str, d: int, cfg: tuple[int, ...], fused: bool = False, tma: bool = True,
+                 varlen: bool = False, wide: bool = False) -> str:
     """Registers / spill bytes / shared memory / SASS op counts of one kernel compiled for sm_90 on this machine
-    (no GPU needed: Triton ships ptxas and cuobjdump). kernel: "fwd", "dkdv" or "dq"; bf16, fast sigmoid."""
+    (no GPU needed: Triton ships ptxas and cuobjdump). kernel: "fwd", "dkdv" or "dq"; bf16, fast sigmoid;
+    varlen: the packed-sequence form (VARLEN=True); wide: int64 pointer-tile offsets (WIDE_OFFS=True)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -331,10 +333,11 @@ def ptxas_report(kernel: str, d: int, cfg: tuple[int, ...], fused: bool = False,
     bd = triton.next_power_of_2(d)
 
     def desc(rows: int, t: str = "bf16") -> str:
-        return f"tensordesc<{t}[{rows}, {d}]>" if bd == d else f"tensordesc<{t}[{rows}, 1, {bd}]>"
+        return f"tensordesc<{t}[1, {rows}, {d}]>" if bd == d else f"tensordesc<{t}[1, {rows}, 1, {bd}]>"
 
     common = dict(HAS_ALIBI=False, SIGMOID=1, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn,
-                  DOT_PRECISION="ieee", USE_TMA=tma, BLOCK_MAJOR=False)
+                  DOT_PRECISION="ieee", USE_TMA=tma, BLOCK_MAJOR=False, VARLEN=varlen,
+                  WIDE_OFFS=wide)
     ptr = "*bf16"
     if kernel == "fwd":
         fn, consts = _sigmoid_attn_fwd_kernel, dict(common, PIPELINE_QK=bool(cfg[4:5] and cfg[4]))
@@ -354,6 +357,8 @@ def ptxas_report(kernel: str, d: int, cfg: tuple[int, ...], fused: bool = False,
             sig[name] = ptrs[name]
         elif name in ("Bias", "Slopes"):
             sig[name] = "*fp32"
+        elif name in ("CuSeqQ", "CuSeqK"):
+            sig[name] = "*i32"
         elif name[0].isupper():
             sig[name] = ptr
         else:
@@ -368,7 +373,8 @@ def ptxas_report(kernel: str, d: int, cfg: tuple[int, ...], fused: bool = False,
     regs = " ".join(w for line in res.splitlines() if "REG" in line for w in line.split() if w[:4] in ("REG:", "STAC"))
     sass = subprocess.run([f"{bin_dir}/cuobjdump", "-sass", path], capture_output=True, text=True).stdout
     ops = {op: sass.count(op) for op in ("HGMMA", "MUFU.TANH", "STL", "LDL")}
-    return f"{kernel} d={d} {cfg} fused={fused} tma={tma}: smem={k.metadata.shared} {regs} {ops}"
+    form = f"fused={fused} tma={tma} varlen={varlen} wide={wide}"
+    return f"{kernel} d={d} {cfg} {form}: smem={k.metadata.shared} {regs} {ops}"
 
 
 def header() -> list[str]:
@@ -386,7 +392,7 @@ def main() -> None:
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--extra-ds", default="")
     ap.add_argument("--exp-causal", action="store_true")
-    ap.add_argument("--ptxas", nargs="+", metavar="KERNEL:D:BM,BN,WARPS,STAGES[:fused]",
+    ap.add_argument("--ptxas", nargs="+", metavar="KERNEL:D:BM,BN,WARPS,STAGES[:fused][:ptr][:varlen][:wide]",
                     help="CPU-only: resource report of kernels compiled for sm_90, e.g. dkdv:128:64,128,8,3:fused")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--impl", default="fast")
@@ -399,7 +405,7 @@ def main() -> None:
         for spec in args.ptxas:
             kernel, d, cfg, *rest = spec.split(":")
             print(ptxas_report(kernel, int(d), tuple(int(x) for x in cfg.split(",")), fused="fused" in rest,
-                               tma="ptr" not in rest))
+                               tma="ptr" not in rest, varlen="varlen" in rest, wide="wide" in rest))
         return
     ns, ds = [int(x) for x in args.ns.split(",")], [int(x) for x in args.ds.split(",")]
     out = header()

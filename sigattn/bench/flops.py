@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 MODES: tuple[str, ...] = ("fwd", "bwd", "fwd+bwd")
 
 # The FlashAttention papers' convention: the backward does 2.5x the forward's matmul work
@@ -47,6 +49,19 @@ def attn_flops(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     fwd = 4.0 * batch * nheads * visible_pairs(seqlen_q, seqlen_k, causal) * headdim
     return fwd * MODE_FLOP_FACTOR[mode]
+
+
+def varlen_attn_flops(
+    lens_q: Sequence[int],
+    lens_k: Sequence[int],
+    nheads: int,
+    headdim: int,
+    causal: bool = False,
+    mode: str = "fwd",
+) -> float:
+    """FLOPs of a packed varlen call, counted over each sequence's own (query, key) pairs (as attn_flops per
+    sequence, summed): padding and cross-sequence pairs count nothing."""
+    return sum(attn_flops(1, nheads, sq, sk, headdim, causal, mode) for sq, sk in zip(lens_q, lens_k, strict=True))
 
 
 def attn_bytes(

@@ -229,8 +229,11 @@ def sigmoid_attn_varlen_func(
         sigmoid_impl, backend: as sigmoid_attn_func, per sequence (causal aligned bottom-right within
             each sequence).
 
-    Backends: the reference today; the Triton varlen kernel is not implemented yet, so backend="triton"
-    raises.
+    Backends: "auto" runs the Triton kernels on CUDA (the dense kernels' VARLEN form: one program per query or
+    key block of a sequence; the grid is sized by the longest sequence and blocks past a shorter one's end idle)
+    and the reference elsewhere. "triton" serves what it serves for sigmoid_attn_func (float16, bfloat16 and
+    float32, head dims 16-256, alibi_slopes without grad) and raises for the rest. Validation reads cu_seqlens on
+    the host (one device sync per call).
 
     Returns:
         out: (total_q, nheads, headdim), dtype of q.
@@ -257,11 +260,39 @@ def sigmoid_attn_varlen_func(
     check_flag("deterministic", deterministic)
     check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
     check_choice("backend", backend, BACKENDS)
-    _resolve_backend(backend, q.device, "the Triton varlen kernel is not implemented yet")
-    return reference.sigmoid_attn_varlen(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        scale=scale, bias=bias, causal=causal, window_size=window, alibi_slopes=alibi,
-    )
+    backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, alibi))
+    match backend:
+        case "triton":
+            if q.numel() == 0 or k.shape[0] == 0:
+                return _empty_attention(q, k, v, 0.0 if bias is None else bias)
+            from sigattn.ops import custom_ops
+
+            batch = len(cu_q) - 1
+            if alibi is not None:
+                alibi = alibi.expand(batch, hq).contiguous()
+            # The longest sequences size the kernels' grids; a generous max_seqlen would only add idle programs.
+            longest_q, longest_k = (max(b - a for a, b in zip(c, c[1:])) for c in (cu_q, cu_k))
+            return custom_ops.sigmoid_attn_varlen(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, longest_q, longest_k,
+                _varlen_bias(bias, cu_k, hq, q.device), scale, causal, window[0], window[1], alibi, deterministic,
+                sigmoid_impl,
+            )
+        case _:
+            return reference.sigmoid_attn_varlen(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                scale=scale, bias=bias, causal=causal, window_size=window, alibi_slopes=alibi,
+            )
+
+
+def _varlen_bias(bias: float | torch.Tensor | None, cu_k: list[int], nheads: int, device: torch.device) -> torch.Tensor:
+    """The varlen kernels' float32 (batch, nheads) bias: None is each sequence's -log(seqlen_k) (0 without keys,
+    where any value gives 0); a float or (nheads,) tensor is shared, its gradient summed back through expand."""
+    batch = len(cu_k) - 1
+    if bias is None:
+        lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        per_seq = torch.tensor([-math.log(n) if n > 0 else 0.0 for n in lens], dtype=torch.float32, device=device)
+        return per_seq[:, None].expand(batch, nheads)
+    return _per_head_bias(bias, nheads, device).expand(batch, nheads)
 
 
 def sigmoid_attn_with_kvcache(

@@ -8,16 +8,21 @@ import triton.language as tl
 
 from sigattn.ops.configs import AttnConfig, backward_configs, use_fused_dq
 from sigattn.ops.forward import (
+    Varlen,
+    batch_stride,
     dot_precision,
+    kernel_bias,
     last_dim_contiguous,
     sigmoid_mode,
     tma_view,
     use_tma_default,
+    wide_offsets,
     window_bounds,
 )
 from sigattn.ops.primitives import (
     alibi_distance,
     program_coords,
+    seq_span,
     sigmoid_from_z,
     tile_ranges,
     tma_atomic_add,
@@ -25,6 +30,7 @@ from sigattn.ops.primitives import (
     tma_load,
     visible,
     z_factor,
+    zero_rows_past,
 )
 
 # No normaliser, so no rowsum(dO * O) pre-pass: with p = sigmoid(s), dS = dP * p * (1 - p), where
@@ -61,6 +67,7 @@ def _dkdv_tiles(
     pos_shift,
     win_left,
     win_right,
+    q_b,
     q_row0,
     q_col,
     MASKED: tl.constexpr,
@@ -73,17 +80,23 @@ def _dkdv_tiles(
     USE_TMA: tl.constexpr,
     FUSED_DQ: tl.constexpr,
     NEED_DBIAS: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """dk += dS^T q, dv += P^T dO (and dq += dS k by atomics if FUSED_DQ) over the query tiles [start, end),
-    in the transposed [key, query] frame. USE_TMA: Q/DO/DQ are descriptors over (batch * seqlen_q, heads * D)
-    views; rows past seqlen_q are the next batch's and get p = dS = 0 from the mask (their dQ adds are 0)."""
+    in the transposed [key, query] frame. USE_TMA: Q/DO/DQ are descriptors over (B, N, ...) views, tiles at
+    (q_b, q_row0 + start_m); rows past a dense batch's N read as zeros. VARLEN (one packed batch): boundary tiles
+    read the next sequence's rows: p = dS = 0 there from the mask, and their q/dO rows and dQ adds are zeroed
+    (0 * inf = NaN must not cross into another sequence)."""
     d_ok = offs_d < HEAD_DIM
     for start_m in tl.range(start, end, BLOCK_M):
         offs_m = start_m + offs_m0
         row_ok = (offs_m[:, None] < seqlen_q) & d_ok[None, :]
         if USE_TMA:
-            q = tma_load(Q_tile, q_row0 + start_m, q_col, BLOCK_M, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
-            do = tma_load(DO_tile, q_row0 + start_m, q_col, BLOCK_M, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+            q = tma_load(Q_tile, q_b, q_row0 + start_m, q_col, BLOCK_M, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+            do = tma_load(DO_tile, q_b, q_row0 + start_m, q_col, BLOCK_M, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+            if MASKED:
+                q = zero_rows_past(q, offs_m, seqlen_q, VARLEN)
+                do = zero_rows_past(do, offs_m, seqlen_q, VARLEN)
         else:
             q_ptrs = Q_tile + tl.cast(start_m, tl.int64) * stride_qn + (offs_m0[:, None] * stride_qn + offs_d[None, :])
             do_ptrs = DO_tile + tl.cast(start_m, tl.int64) * stride_don + (offs_m0[:, None] * stride_don
@@ -115,7 +128,11 @@ def _dkdv_tiles(
         if FUSED_DQ:
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
             if USE_TMA:
-                tma_atomic_add(DQ_tile, q_row0 + start_m, q_col, dq, BLOCK_M, HEAD_DIM, BLOCK_D)
+                if MASKED:
+                    # VARLEN: the tile's rows past seqlen_q belong to the next sequence: add exact zeros there
+                    # (0 * an inf key of this block would be NaN).
+                    dq = zero_rows_past(dq, offs_m, seqlen_q, VARLEN)
+                tma_atomic_add(DQ_tile, q_b, q_row0 + start_m, q_col, dq, BLOCK_M, HEAD_DIM, BLOCK_D)
             else:
                 dq_ptrs = DQ_tile + tl.cast(start_m, tl.int64) * stride_dqn + (offs_m0[:, None] * stride_dqn
                                                                                + offs_d[None, :])
@@ -135,6 +152,8 @@ def _sigmoid_attn_bwd_dkdv_kernel(
     DBiasPart,
     Bias,
     Slopes,
+    CuSeqQ,
+    CuSeqK,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -156,6 +175,7 @@ def _sigmoid_attn_bwd_dkdv_kernel(
     stride_dqb,
     stride_dqn,
     stride_dqh,
+    stride_bb,
     stride_sb,
     nheads_kv,
     group,
@@ -176,14 +196,26 @@ def _sigmoid_attn_bwd_dkdv_kernel(
     FUSED_DQ: tl.constexpr,
     NEED_DBIAS: tl.constexpr,
     BLOCK_MAJOR: tl.constexpr,
+    VARLEN: tl.constexpr,
+    WIDE_OFFS: tl.constexpr,
 ):
     """One program = BLOCK_N keys of one (batch, kv head), summed over the `group` query heads that read
     it (GQA, no atomics for dK/dV); 1-D grid of cdiv(seqlen_k, BLOCK_N) * batch * nheads_kv. Writes this key
-    block's partial dbias per query head to DBiasPart[b, h, block] (summed on the host in a fixed order)."""
+    block's partial dbias per query head to DBiasPart[b, h, block] (summed on the host in a fixed order).
+    VARLEN: packed sequences as in the forward kernel; programs past their sequence's keys run no tile, store no
+    dK/dV and a dbias partial of 0. WIDE_OFFS: int64 tile offsets (forward.wide_offsets)."""
+    if WIDE_OFFS:
+        stride_qn, stride_kn = tl.cast(stride_qn, tl.int64), tl.cast(stride_kn, tl.int64)
+        stride_vn = tl.cast(stride_vn, tl.int64)
+        stride_don, stride_dkn = tl.cast(stride_don, tl.int64), tl.cast(stride_dkn, tl.int64)
+        stride_dvn, stride_dqn = tl.cast(stride_dvn, tl.int64), tl.cast(stride_dqn, tl.int64)
     pid_n, pid_bh = program_coords(seqlen_k, BLOCK_N, False, BLOCK_MAJOR)
+    n_kblocks = tl.cdiv(seqlen_k, BLOCK_N)
     off_b = (pid_bh // nheads_kv).to(tl.int64)
     off_hk = (pid_bh % nheads_kv).to(tl.int64)
     start_n = pid_n * BLOCK_N
+    q_start, seqlen_q, q_b, q_row0 = seq_span(CuSeqQ, off_b, seqlen_q, VARLEN)
+    k_start, seqlen_k, _, _ = seq_span(CuSeqK, off_b, seqlen_k, VARLEN)
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -191,8 +223,8 @@ def _sigmoid_attn_bwd_dkdv_kernel(
     tile_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     n_offs = tl.arange(0, BLOCK_N)[:, None]
 
-    K_tile = K + off_b * stride_kb + off_hk * stride_kh + start_n.to(tl.int64) * stride_kn
-    V_tile = V + off_b * stride_vb + off_hk * stride_vh + start_n.to(tl.int64) * stride_vn
+    K_tile = K + off_b * stride_kb + off_hk * stride_kh + (k_start + start_n) * stride_kn
+    V_tile = V + off_b * stride_vb + off_hk * stride_vh + (k_start + start_n) * stride_vn
     k = tl.load(K_tile + n_offs * stride_kn + offs_d[None, :], mask=tile_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
     v = tl.load(V_tile + n_offs * stride_vn + offs_d[None, :], mask=tile_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
 
@@ -203,7 +235,6 @@ def _sigmoid_attn_bwd_dkdv_kernel(
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    q_row0 = (off_b * seqlen_q).to(tl.int32)
     for g in range(group):
         off_h = off_hk * group + g
         q_col = tma_col(off_h, HEAD_DIM, BLOCK_D)
@@ -212,35 +243,35 @@ def _sigmoid_attn_bwd_dkdv_kernel(
             DO_tile = DO
             DQ_tile = DQ
         else:
-            Q_tile = Q + off_b * stride_qb + off_h * stride_qh
-            DO_tile = DO + off_b * stride_dob + off_h * stride_doh
-            DQ_tile = DQ + off_b * stride_dqb + off_h * stride_dqh
+            Q_tile = Q + off_b * stride_qb + off_h * stride_qh + q_start * stride_qn
+            DO_tile = DO + off_b * stride_dob + off_h * stride_doh + q_start * stride_don
+            DQ_tile = DQ + off_b * stride_dqb + off_h * stride_dqh + q_start * stride_dqn
         qk_scale = scale * zf
-        z_bias = tl.load(Bias + off_h) * zf
+        z_bias = tl.load(Bias + off_b * stride_bb + off_h) * zf
         alibi_z = 0.0
         if HAS_ALIBI:
             alibi_z = -tl.load(Slopes + off_b * stride_sb + off_h) * zf
         dbias = tl.zeros([BLOCK_N], dtype=tl.float32)
         dk, dv, dbias = _dkdv_tiles(
             dk, dv, dbias, k, v, Q_tile, DO_tile, DQ_tile, stride_qn, stride_don, stride_dqn, offs_n, offs_m0,
-            offs_d, a, b, qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, q_row0,
-            q_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA, FUSED_DQ,
-            NEED_DBIAS)
+            offs_d, a, b, qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, q_b,
+            q_row0, q_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA, FUSED_DQ,
+            NEED_DBIAS, VARLEN)
         dk, dv, dbias = _dkdv_tiles(
             dk, dv, dbias, k, v, Q_tile, DO_tile, DQ_tile, stride_qn, stride_don, stride_dqn, offs_n, offs_m0,
-            offs_d, b, c, qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, q_row0,
-            q_col, False, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA, FUSED_DQ,
-            NEED_DBIAS)
+            offs_d, b, c, qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, q_b,
+            q_row0, q_col, False, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA, FUSED_DQ,
+            NEED_DBIAS, VARLEN)
         dk, dv, dbias = _dkdv_tiles(
             dk, dv, dbias, k, v, Q_tile, DO_tile, DQ_tile, stride_qn, stride_don, stride_dqn, offs_n, offs_m0,
-            offs_d, c, e, qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, q_row0,
-            q_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA, FUSED_DQ,
-            NEED_DBIAS)
+            offs_d, c, e, qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, q_b,
+            q_row0, q_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA, FUSED_DQ,
+            NEED_DBIAS, VARLEN)
         if NEED_DBIAS:
-            part = (off_b * nheads_kv * group + off_h) * tl.cdiv(seqlen_k, BLOCK_N) + pid_n
+            part = (off_b * nheads_kv * group + off_h) * n_kblocks + pid_n
             tl.store(DBiasPart + part, tl.sum(dbias, axis=0))
-    DK_tile = DK + off_b * stride_dkb + off_hk * stride_dkh + start_n.to(tl.int64) * stride_dkn
-    DV_tile = DV + off_b * stride_dvb + off_hk * stride_dvh + start_n.to(tl.int64) * stride_dvn
+    DK_tile = DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + start_n) * stride_dkn
+    DV_tile = DV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + start_n) * stride_dvn
     tl.store(DK_tile + n_offs * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=tile_ok)
     tl.store(DV_tile + n_offs * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=tile_ok)
 
@@ -267,6 +298,7 @@ def _dq_tiles(
     pos_shift,
     win_left,
     win_right,
+    kv_b,
     kv_row0,
     kv_col,
     MASKED: tl.constexpr,
@@ -277,14 +309,19 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
-    """dq += dS k over the key tiles [start, end) (USE_TMA as in the forward's key loop)."""
+    """dq += dS k over the key tiles [start, end) (USE_TMA as in the forward's key loop: boundary tiles zero the
+    next sequence's keys)."""
     d_ok = offs_d < HEAD_DIM
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         if USE_TMA:
-            k = tma_load(K_tile, kv_row0 + start_n, kv_col, BLOCK_N, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
-            v = tma_load(V_tile, kv_row0 + start_n, kv_col, BLOCK_N, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+            k = tma_load(K_tile, kv_b, kv_row0 + start_n, kv_col, BLOCK_N, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+            v = tma_load(V_tile, kv_b, kv_row0 + start_n, kv_col, BLOCK_N, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+            if MASKED:
+                # VARLEN, next sequence's keys: dS is masked to 0 after the dot with v, but 0 * inf = NaN in dS k.
+                k = zero_rows_past(k, offs_n, seqlen_k, VARLEN)
         else:
             k_ptrs = K_tile + tl.cast(start_n, tl.int64) * stride_kn + (offs_n0[:, None] * stride_kn + offs_d[None, :])
             v_ptrs = V_tile + tl.cast(start_n, tl.int64) * stride_vn + (offs_n0[:, None] * stride_vn + offs_d[None, :])
@@ -320,6 +357,8 @@ def _sigmoid_attn_bwd_dq_kernel(
     DQ,
     Bias,
     Slopes,
+    CuSeqQ,
+    CuSeqK,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -335,6 +374,7 @@ def _sigmoid_attn_bwd_dq_kernel(
     stride_dqb,
     stride_dqn,
     stride_dqh,
+    stride_bb,
     stride_sb,
     nheads_q,
     group,
@@ -353,15 +393,23 @@ def _sigmoid_attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     BLOCK_MAJOR: tl.constexpr,
+    VARLEN: tl.constexpr,
+    WIDE_OFFS: tl.constexpr,
 ):
     """One program = BLOCK_M queries of one (batch, head): dQ without atomics (the deterministic form);
-    1-D grid of cdiv(seqlen_q, BLOCK_M) * batch * nheads_q."""
+    1-D grid of cdiv(seqlen_q, BLOCK_M) * batch * nheads_q. VARLEN and WIDE_OFFS as in the forward kernel."""
+    if WIDE_OFFS:
+        stride_qn, stride_kn = tl.cast(stride_qn, tl.int64), tl.cast(stride_kn, tl.int64)
+        stride_vn = tl.cast(stride_vn, tl.int64)
+        stride_don, stride_dqn = tl.cast(stride_don, tl.int64), tl.cast(stride_dqn, tl.int64)
     pid_m, pid_bh = program_coords(seqlen_q, BLOCK_M, True, BLOCK_MAJOR)
     off_b = (pid_bh // nheads_q).to(tl.int64)
     off_h = pid_bh % nheads_q
     off_hk = (off_h // group).to(tl.int64)
     off_h = off_h.to(tl.int64)
     start_m = pid_m * BLOCK_M
+    q_start, seqlen_q, _, _ = seq_span(CuSeqQ, off_b, seqlen_q, VARLEN)
+    k_start, seqlen_k, kv_b, kv_row0 = seq_span(CuSeqK, off_b, seqlen_k, VARLEN)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -369,21 +417,20 @@ def _sigmoid_attn_bwd_dq_kernel(
     tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     m_offs = tl.arange(0, BLOCK_M)[:, None]
 
-    Q_tile = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qn
-    DO_tile = DO + off_b * stride_dob + off_h * stride_doh + start_m.to(tl.int64) * stride_don
+    Q_tile = Q + off_b * stride_qb + off_h * stride_qh + (q_start + start_m) * stride_qn
+    DO_tile = DO + off_b * stride_dob + off_h * stride_doh + (q_start + start_m) * stride_don
     if USE_TMA:
         K_tile = K
         V_tile = V
     else:
-        K_tile = K + off_b * stride_kb + off_hk * stride_kh
-        V_tile = V + off_b * stride_vb + off_hk * stride_vh
-    kv_row0 = (off_b * seqlen_k).to(tl.int32)
+        K_tile = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+        V_tile = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     kv_col = tma_col(off_hk, HEAD_DIM, BLOCK_D)
     q = tl.load(Q_tile + m_offs * stride_qn + offs_d[None, :], mask=tile_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
     do = tl.load(DO_tile + m_offs * stride_don + offs_d[None, :], mask=tile_ok, other=0.0)  # [BLOCK_M, BLOCK_D]
 
     qk_scale = scale * zf
-    z_bias = tl.load(Bias + off_h) * zf
+    z_bias = tl.load(Bias + off_b * stride_bb + off_h) * zf
     alibi_z = 0.0
     if HAS_ALIBI:
         alibi_z = -tl.load(Slopes + off_b * stride_sb + off_h) * zf
@@ -393,15 +440,15 @@ def _sigmoid_attn_bwd_dq_kernel(
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, K_tile, V_tile, stride_kn, stride_vn, offs_m, offs_n0, offs_d, a, b,
-                   qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, kv_row0, kv_col,
-                   True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
+                   qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, kv_b, kv_row0,
+                   kv_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA, VARLEN)
     dq = _dq_tiles(dq, q, do, K_tile, V_tile, stride_kn, stride_vn, offs_m, offs_n0, offs_d, b, c,
-                   qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, kv_row0, kv_col,
-                   False, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
+                   qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, kv_b, kv_row0,
+                   kv_col, False, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA, VARLEN)
     dq = _dq_tiles(dq, q, do, K_tile, V_tile, stride_kn, stride_vn, offs_m, offs_n0, offs_d, c, e,
-                   qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, kv_row0, kv_col,
-                   True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA)
-    DQ_tile = DQ + off_b * stride_dqb + off_h * stride_dqh + start_m.to(tl.int64) * stride_dqn
+                   qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right, kv_b, kv_row0,
+                   kv_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA, VARLEN)
+    DQ_tile = DQ + off_b * stride_dqb + off_h * stride_dqh + (q_start + start_m) * stride_dqn
     tl.store(DQ_tile + m_offs * stride_dqn + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=tile_ok)
 
 
@@ -427,18 +474,78 @@ def sigmoid_attn_bwd(
     Returns (dq, dk, dv, dbias) with dbias fp32 (Hq,) (zeros when not need_dbias). deterministic=True always
     runs the atomic-free two-kernel form (bitwise reproducible); otherwise `fused_dq` (default: per-arch
     choice in configs.use_fused_dq) adds dQ with fp32 atomics inside the dK/dV kernel."""
+    return _launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
+                       sigmoid_impl, configs, use_tma, need_dbias, fused_dq, None)
+
+
+def sigmoid_attn_varlen_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    varlen: Varlen,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+    configs: tuple[AttnConfig, AttnConfig] | None = None,
+    use_tma: bool | None = None,
+    need_dbias: bool = True,
+    fused_dq: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels on packed sequences. Shapes as `sigmoid_attn_varlen_fwd`; do like the output.
+    Returns (dq, dk, dv, dbias) with dbias fp32 of bias's shape ((Hq,) or (B, Hq)); forms as `sigmoid_attn_bwd`."""
+    return _launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
+                       sigmoid_impl, configs, use_tma, need_dbias, fused_dq, varlen)
+
+
+def _launch_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+    configs: tuple[AttnConfig, AttnConfig] | None,
+    use_tma: bool | None,
+    need_dbias: bool,
+    fused_dq: bool | None,
+    varlen: Varlen | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     do, q, k, v = (last_dim_contiguous(t) for t in (do, q, k, v))
-    batch, seqlen_q, nheads_q, head_dim = q.shape
-    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+    packed_shape = q.shape
+    if varlen is None:
+        batch, seqlen_q, nheads_q, head_dim = q.shape
+        seqlen_k = k.shape[1]
+    else:
+        do, q, k, v = do[None], q[None], k[None], v[None]  # (1, total, H, D): one row space for all sequences
+        batch, seqlen_q, seqlen_k = varlen.cu_seqlens_q.numel() - 1, varlen.max_seqlen_q, varlen.max_seqlen_k
+        nheads_q, head_dim = q.shape[2], q.shape[3]
+    nheads_kv = k.shape[2]
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if seqlen_q == 0 or seqlen_k == 0 or batch == 0:
+    unbatch = (lambda t: t) if varlen is None else (lambda t: t[0])
+    if q.shape[1] == 0 or k.shape[1] == 0 or batch == 0 or seqlen_q == 0 or seqlen_k == 0:
         dk.zero_(), dv.zero_()
-        return torch.zeros_like(q), dk, dv, torch.zeros(nheads_q, dtype=torch.float32, device=q.device)
+        dq = torch.zeros(packed_shape, dtype=q.dtype, device=q.device)
+        dbias = torch.zeros(bias.shape if varlen is not None else (nheads_q,), dtype=torch.float32, device=q.device)
+        return dq, unbatch(dk), unbatch(dv), dbias
     cfg_kv, cfg_q = configs or backward_configs(head_dim, q.dtype, q.device)
     left, right = window_bounds(seqlen_q, seqlen_k, causal, window_left, window_right)
-    bias = bias.to(torch.float32).contiguous()
+    bias, stride_bb = kernel_bias(bias)
     slopes = bias if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
+    cu_q, cu_k = (bias, bias) if varlen is None else (varlen.cu_seqlens_q.contiguous(),
+                                                      varlen.cu_seqlens_k.contiguous())
     mode = sigmoid_mode(sigmoid_impl, q.device)
     group = nheads_q // nheads_kv
     fused = use_fused_dq(deterministic, q.device) if fused_dq is None else (fused_dq and not deterministic)
@@ -454,6 +561,7 @@ def sigmoid_attn_bwd(
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         DOT_PRECISION=dot_precision(q.dtype),
+        VARLEN=varlen is not None,
     )
     stride_sb = slopes.stride(0) if slopes.dim() == 2 else 0
     n_kblocks = triton.cdiv(seqlen_k, cfg_kv.block_n)
@@ -466,16 +574,17 @@ def sigmoid_attn_bwd(
     qa, doa = descs[:2] if tma_kv else (q, do)
     dqa = descs[2] if tma_kv and fused else dq
     _sigmoid_attn_bwd_dkdv_kernel[(n_kblocks * batch * nheads_kv,)](
-        qa, k, v, doa, dk, dv, dqa, dbias_part, bias, slopes,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        stride_sb, nheads_kv, group, seqlen_q, seqlen_k, left, right, float(scale), z_factor(mode),
+        qa, k, v, doa, dk, dv, dqa, dbias_part, bias, slopes, cu_q, cu_k,
+        batch_stride(q, varlen), q.stride(1), q.stride(2),
+        batch_stride(k, varlen), k.stride(1), k.stride(2),
+        batch_stride(v, varlen), v.stride(1), v.stride(2),
+        batch_stride(do, varlen), do.stride(1), do.stride(2),
+        batch_stride(dk, varlen), dk.stride(1), dk.stride(2),
+        batch_stride(dv, varlen), dv.stride(1), dv.stride(2),
+        batch_stride(dq, varlen), dq.stride(1), dq.stride(2),
+        stride_bb, stride_sb, nheads_kv, group, seqlen_q, seqlen_k, left, right, float(scale), z_factor(mode),
         BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, USE_TMA=tma_kv, FUSED_DQ=fused, NEED_DBIAS=need_dbias,
+        WIDE_OFFS=wide_offsets([q, k, v, do, dk, dv, dq], max(cfg_kv.block_m, cfg_kv.block_n)),
         BLOCK_MAJOR=cfg_kv.block_major, num_warps=cfg_kv.num_warps, num_stages=cfg_kv.num_stages, **common,
     )
     if fused:
@@ -485,16 +594,20 @@ def sigmoid_attn_bwd(
         tma_q = all(x is not None for x in descs)
         ka, va = descs if tma_q else (k, v)
         _sigmoid_attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg_q.block_m) * batch * nheads_q,)](
-            q, ka, va, do, dq, bias, slopes,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            stride_sb, nheads_q, group, seqlen_q, seqlen_k, left, right, float(scale), z_factor(mode),
+            q, ka, va, do, dq, bias, slopes, cu_q, cu_k,
+            batch_stride(q, varlen), q.stride(1), q.stride(2),
+            batch_stride(k, varlen), k.stride(1), k.stride(2),
+            batch_stride(v, varlen), v.stride(1), v.stride(2),
+            batch_stride(do, varlen), do.stride(1), do.stride(2),
+            batch_stride(dq, varlen), dq.stride(1), dq.stride(2),
+            stride_bb, stride_sb, nheads_q, group, seqlen_q, seqlen_k, left, right, float(scale), z_factor(mode),
             BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, USE_TMA=tma_q,
+            WIDE_OFFS=wide_offsets([q, k, v, do, dq], max(cfg_q.block_m, cfg_q.block_n)),
             BLOCK_MAJOR=cfg_q.block_major, num_warps=cfg_q.num_warps, num_stages=cfg_q.num_stages, **common,
         )
-    dbias = dbias_part.sum(dim=(0, 2)) if need_dbias else torch.zeros(nheads_q, dtype=torch.float32,
-                                                                       device=q.device)
-    return dq, dk, dv, dbias
+    # dbias of bias's shape: (Hq,) summed over sequences, or (B, Hq) per sequence.
+    if not need_dbias:
+        dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device)
+    else:
+        dbias = dbias_part.sum(dim=(0, 2)) if bias.dim() == 1 else dbias_part.sum(dim=2)
+    return unbatch(dq), unbatch(dk), unbatch(dv), dbias

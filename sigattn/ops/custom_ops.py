@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from sigattn.ops.backward import sigmoid_attn_bwd
-from sigattn.ops.forward import sigmoid_attn_fwd
+from sigattn.ops.backward import sigmoid_attn_bwd, sigmoid_attn_varlen_bwd
+from sigattn.ops.forward import Varlen, sigmoid_attn_fwd, sigmoid_attn_varlen_fwd
 
 
 @torch.library.custom_op("sigattn::dense_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -107,4 +107,125 @@ def sigmoid_attn_dense(
     """
     return dense_fwd(
         q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl
+    )
+
+
+@torch.library.custom_op("sigattn::varlen_fwd", mutates_args=(), device_types=("cuda", "cpu"))
+def varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+) -> torch.Tensor:
+    """Forward kernel on packed sequences; `deterministic` is only carried to the backward."""
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return sigmoid_attn_varlen_fwd(q, k, v, varlen, bias, scale, causal, window_left, window_right, alibi_slopes,
+                                   sigmoid_impl)
+
+
+@varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale, causal, window_left,
+      window_right, alibi_slopes, deterministic, sigmoid_impl):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("sigattn::varlen_bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def varlen_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward kernels on packed sequences: (dq, dk, dv, dbias fp32 of bias's shape, (Hq,) or (B, Hq))."""
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return sigmoid_attn_varlen_bwd(
+        do, q, k, v, varlen, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
+        sigmoid_impl, need_dbias=need_dbias,
+    )
+
+
+@varlen_bwd.register_fake
+def _(do, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale, causal, window_left,
+      window_right, alibi_slopes, deterministic, sigmoid_impl, need_dbias):
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        q.new_empty(bias.shape, dtype=torch.float32),
+    )
+
+
+def _varlen_setup_context(ctx, inputs, output) -> None:
+    (q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
+     sigmoid_impl) = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, bias, alibi_slopes)
+    ctx.args = (max_q, max_k, scale, causal, window_left, window_right, deterministic, sigmoid_impl)
+
+
+def _varlen_backward(ctx, do: torch.Tensor):
+    q, k, v, cu_q, cu_k, bias, alibi_slopes = ctx.saved_tensors
+    max_q, max_k, scale, causal, window_left, window_right, deterministic, sigmoid_impl = ctx.args
+    need_dbias = bool(ctx.needs_input_grad[7])
+    dq, dk, dv, dbias = varlen_bwd(
+        do, q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal, window_left, window_right, alibi_slopes,
+        deterministic, sigmoid_impl, need_dbias,
+    )
+    dbias = dbias.to(bias.dtype) if need_dbias else None
+    return (dq, dk, dv, None, None, None, None, dbias) + (None,) * 7
+
+
+varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def sigmoid_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+) -> torch.Tensor:
+    """Packed variable-length sigmoid attention through the custom op (arguments validated by sigattn.ops.api).
+
+    q (total_q, Hq, D); k, v (total_k, Hkv, D); cu_seqlens_q/k int32 (B + 1,) on q's device; max_seqlen_q/k at
+    least the longest sequence; bias float32 (Hq,) or (B, Hq) (differentiable); alibi_slopes float32 (B, Hq) or
+    None; causal/window bottom-right aligned per sequence. Returns (total_q, Hq, D) in q's dtype; the backward
+    returns gradients for q, k, v and bias.
+    """
+    return varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale, causal, window_left,
+        window_right, alibi_slopes, deterministic, sigmoid_impl,
     )

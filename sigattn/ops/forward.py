@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -14,21 +16,24 @@ from sigattn.ops.primitives import (
     SIGMOID_FAST_PORTABLE,
     alibi_distance,
     program_coords,
+    seq_span,
     sigmoid_from_z,
     tile_ranges,
     tma_col,
     tma_load,
     visible,
     z_factor,
+    zero_rows_past,
 )
 
 
 @triton.jit
-def _load_kt(K_tile, stride_kn, start_n, offs_n0, offs_d, seqlen_k, kv_row0, kv_col,
+def _load_kt(K_tile, stride_kn, start_n, offs_n0, offs_d, seqlen_k, kv_b, kv_row0, kv_col,
              MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
-    """K^T tile [BLOCK_D, BLOCK_N] of keys start_n + offs_n0 (zeros past seqlen_k / HEAD_DIM on the pointer path)."""
+    """K^T tile [BLOCK_D, BLOCK_N] of keys start_n + offs_n0 (zeros past seqlen_k / HEAD_DIM on the pointer path;
+    with TMA a packed tensor's next keys may follow: their weights are masked, which a non-finite key survives)."""
     if USE_TMA:
-        kt = tl.trans(tma_load(K_tile, kv_row0 + start_n, kv_col, offs_n0.shape[0], HEAD_DIM, BLOCK_D))
+        kt = tl.trans(tma_load(K_tile, kv_b, kv_row0 + start_n, kv_col, offs_n0.shape[0], HEAD_DIM, BLOCK_D))
     else:
         # Tile-local offsets stay int32; the tile's own start goes in as int64 (B·N·H·D may pass 2^31).
         k_ptrs = K_tile + tl.cast(start_n, tl.int64) * stride_kn + (offs_n0[None, :] * stride_kn + offs_d[:, None])
@@ -43,11 +48,14 @@ def _load_kt(K_tile, stride_kn, start_n, offs_n0, offs_d, seqlen_k, kv_row0, kv_
 
 
 @triton.jit
-def _load_v(V_tile, stride_vn, start_n, offs_n0, offs_d, seqlen_k, kv_row0, kv_col,
-            MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
-    """V tile [BLOCK_N, BLOCK_D] of keys start_n + offs_n0."""
+def _load_v(V_tile, stride_vn, start_n, offs_n0, offs_d, seqlen_k, kv_b, kv_row0, kv_col,
+            MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr,
+            VARLEN: tl.constexpr):
+    """V tile [BLOCK_N, BLOCK_D] of keys start_n + offs_n0, zeros past seqlen_k."""
     if USE_TMA:
-        v = tma_load(V_tile, kv_row0 + start_n, kv_col, offs_n0.shape[0], HEAD_DIM, BLOCK_D)
+        v = tma_load(V_tile, kv_b, kv_row0 + start_n, kv_col, offs_n0.shape[0], HEAD_DIM, BLOCK_D)
+        if MASKED:
+            v = zero_rows_past(v, start_n + offs_n0, seqlen_k, VARLEN)  # [BLOCK_N, BLOCK_D]
     else:
         v_ptrs = V_tile + tl.cast(start_n, tl.int64) * stride_vn + (offs_n0[:, None] * stride_vn + offs_d[None, :])
         d_ok = offs_d < HEAD_DIM
@@ -95,6 +103,7 @@ def _fwd_tiles(
     pos_shift,
     win_left,
     win_right,
+    kv_b,
     kv_row0,
     kv_col,
     MASKED: tl.constexpr,
@@ -106,42 +115,44 @@ def _fwd_tiles(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
     PIPELINE_QK: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """acc += sigmoid(z(q k^T)) v over the key tiles [start, end); MASKED tiles apply the visibility mask.
-    USE_TMA: K_tile/V_tile are descriptors over the (batch * seqlen_k, nheads_kv * HEAD_DIM) view; rows past
-    seqlen_k then hold the next batch's keys (finite), which the mask zeroes like any invisible key.
+    USE_TMA: K_tile/V_tile are descriptors over (B, N, ...) views, tiles at (kv_b, kv_row0 + start_n). Dense: rows
+    past N read as zeros. VARLEN (one packed batch): boundary tiles read the next sequence's keys; the mask zeroes
+    their weights and _load_v their values (0 * inf = NaN; a non-finite key only reaches its own masked weight).
     PIPELINE_QK: issue tile j+1's q k^T before tile j's sigmoid, so the tensor cores run while the MUFU works
     (FlashAttention-3's intra-warpgroup overlap, written in the source order)."""
     if PIPELINE_QK and not MASKED:
         if start < end:
-            kt = _load_kt(K_tile, stride_kn, start, offs_n0, offs_d, seqlen_k, kv_row0, kv_col,
+            kt = _load_kt(K_tile, stride_kn, start, offs_n0, offs_d, seqlen_k, kv_b, kv_row0, kv_col,
                           MASKED, HEAD_DIM, BLOCK_D, USE_TMA)
             qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             for start_n in tl.range(start, end - BLOCK_N, BLOCK_N):
-                kt = _load_kt(K_tile, stride_kn, start_n + BLOCK_N, offs_n0, offs_d, seqlen_k, kv_row0, kv_col,
-                              MASKED, HEAD_DIM, BLOCK_D, USE_TMA)
+                kt = _load_kt(K_tile, stride_kn, start_n + BLOCK_N, offs_n0, offs_d, seqlen_k, kv_b, kv_row0,
+                              kv_col, MASKED, HEAD_DIM, BLOCK_D, USE_TMA)
                 qk_next = tl.dot(q, kt, input_precision=DOT_PRECISION)
                 p = _weights(qk, offs_m, start_n + offs_n0, qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k,
                              pos_shift, win_left, win_right, MASKED, HAS_ALIBI, SIGMOID)
-                v = _load_v(V_tile, stride_vn, start_n, offs_n0, offs_d, seqlen_k, kv_row0, kv_col,
-                            MASKED, HEAD_DIM, BLOCK_D, USE_TMA)
+                v = _load_v(V_tile, stride_vn, start_n, offs_n0, offs_d, seqlen_k, kv_b, kv_row0, kv_col,
+                            MASKED, HEAD_DIM, BLOCK_D, USE_TMA, VARLEN)
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
                 qk = qk_next
             last = end - BLOCK_N
             p = _weights(qk, offs_m, last + offs_n0, qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k,
                          pos_shift, win_left, win_right, MASKED, HAS_ALIBI, SIGMOID)
-            v = _load_v(V_tile, stride_vn, last, offs_n0, offs_d, seqlen_k, kv_row0, kv_col,
-                        MASKED, HEAD_DIM, BLOCK_D, USE_TMA)
+            v = _load_v(V_tile, stride_vn, last, offs_n0, offs_d, seqlen_k, kv_b, kv_row0, kv_col,
+                        MASKED, HEAD_DIM, BLOCK_D, USE_TMA, VARLEN)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     else:
         for start_n in tl.range(start, end, BLOCK_N):
-            kt = _load_kt(K_tile, stride_kn, start_n, offs_n0, offs_d, seqlen_k, kv_row0, kv_col,
+            kt = _load_kt(K_tile, stride_kn, start_n, offs_n0, offs_d, seqlen_k, kv_b, kv_row0, kv_col,
                           MASKED, HEAD_DIM, BLOCK_D, USE_TMA)
             qk = tl.dot(q, kt, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
             p = _weights(qk, offs_m, start_n + offs_n0, qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k,
                          pos_shift, win_left, win_right, MASKED, HAS_ALIBI, SIGMOID)
-            v = _load_v(V_tile, stride_vn, start_n, offs_n0, offs_d, seqlen_k, kv_row0, kv_col,
-                        MASKED, HEAD_DIM, BLOCK_D, USE_TMA)
+            v = _load_v(V_tile, stride_vn, start_n, offs_n0, offs_d, seqlen_k, kv_b, kv_row0, kv_col,
+                        MASKED, HEAD_DIM, BLOCK_D, USE_TMA, VARLEN)
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
     return acc
 
@@ -154,6 +165,8 @@ def _sigmoid_attn_fwd_kernel(
     Out,
     Bias,
     Slopes,
+    CuSeqQ,
+    CuSeqK,
     stride_qb,
     stride_qn,
     stride_qh,
@@ -166,6 +179,7 @@ def _sigmoid_attn_fwd_kernel(
     stride_ob,
     stride_on,
     stride_oh,
+    stride_bb,
     stride_sb,
     nheads_q,
     group,
@@ -185,40 +199,48 @@ def _sigmoid_attn_fwd_kernel(
     USE_TMA: tl.constexpr,
     PIPELINE_QK: tl.constexpr,
     BLOCK_MAJOR: tl.constexpr,
+    VARLEN: tl.constexpr,
+    WIDE_OFFS: tl.constexpr,
 ):
     """One program = BLOCK_M queries of one (batch, head); 1-D grid of cdiv(seqlen_q, BLOCK_M) * batch * nheads_q
-    (a 2-D grid caps batch * nheads at 65535)."""
+    (a 2-D grid caps batch * nheads at 65535). VARLEN: q/k/v/out are packed (total, heads, D) tensors, sequence b
+    is rows CuSeqQ[b] .. CuSeqQ[b + 1] (keys: CuSeqK), seqlen_q/seqlen_k are the longest sequences (they size the
+    grid) and programs past their own sequence's end run no tile and store nothing (an early `return` made ptxas
+    spill 568 B instead of 64 at d=128). WIDE_OFFS: tile offsets rows * stride_n pass int32 (see wide_offsets)."""
+    if WIDE_OFFS:
+        stride_qn, stride_kn = tl.cast(stride_qn, tl.int64), tl.cast(stride_kn, tl.int64)
+        stride_vn, stride_on = tl.cast(stride_vn, tl.int64), tl.cast(stride_on, tl.int64)
     pid_m, pid_bh = program_coords(seqlen_q, BLOCK_M, True, BLOCK_MAJOR)
     off_b = (pid_bh // nheads_q).to(tl.int64)
     off_h = pid_bh % nheads_q
     off_hk = (off_h // group).to(tl.int64)
     off_h = off_h.to(tl.int64)
     start_m = pid_m * BLOCK_M
+    q_start, seqlen_q, q_b, q_row0 = seq_span(CuSeqQ, off_b, seqlen_q, VARLEN)
+    k_start, seqlen_k, kv_b, kv_row0 = seq_span(CuSeqK, off_b, seqlen_k, VARLEN)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    O_tile = Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_on
+    O_tile = Out + off_b * stride_ob + off_h * stride_oh + (q_start + start_m) * stride_on
     row_ok = offs_m[:, None] < seqlen_q
-    kv_row0 = (off_b * seqlen_k).to(tl.int32)
     kv_col = tma_col(off_hk, HEAD_DIM, BLOCK_D)
     if USE_TMA:
         K_tile = K
         V_tile = V
-        # Rows past seqlen_q (next batch's queries) are computed and never stored.
-        q = tma_load(Q, (off_b * seqlen_q + start_m).to(tl.int32), tma_col(off_h, HEAD_DIM, BLOCK_D), BLOCK_M,
-                     HEAD_DIM, BLOCK_D)
+        # Rows past seqlen_q (the next sequence's queries) are computed and never stored.
+        q = tma_load(Q, q_b, q_row0 + start_m, tma_col(off_h, HEAD_DIM, BLOCK_D), BLOCK_M, HEAD_DIM, BLOCK_D)
     else:
-        K_tile = K + off_b * stride_kb + off_hk * stride_kh
-        V_tile = V + off_b * stride_vb + off_hk * stride_vh
-        Q_tile = Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qn
+        K_tile = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+        V_tile = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+        Q_tile = Q + off_b * stride_qb + off_h * stride_qh + (q_start + start_m) * stride_qn
         q_offs = tl.arange(0, BLOCK_M)[:, None] * stride_qn + offs_d[None, :]
         q = tl.load(Q_tile + q_offs, mask=row_ok & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
 
     qk_scale = scale * zf
-    z_bias = tl.load(Bias + off_h) * zf
+    z_bias = tl.load(Bias + off_b * stride_bb + off_h) * zf
     alibi_z = 0.0
     if HAS_ALIBI:
         alibi_z = -tl.load(Slopes + off_b * stride_sb + off_h) * zf
@@ -230,16 +252,16 @@ def _sigmoid_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc = _fwd_tiles(acc, q, K_tile, V_tile, stride_kn, stride_vn, offs_m, offs_n0, offs_d, a, b,
                      qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right,
-                     kv_row0, kv_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA,
-                     PIPELINE_QK)
+                     kv_b, kv_row0, kv_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+                     USE_TMA, PIPELINE_QK, VARLEN)
     acc = _fwd_tiles(acc, q, K_tile, V_tile, stride_kn, stride_vn, offs_m, offs_n0, offs_d, b, c,
                      qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right,
-                     kv_row0, kv_col, False, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA,
-                     PIPELINE_QK)
+                     kv_b, kv_row0, kv_col, False, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+                     USE_TMA, PIPELINE_QK, VARLEN)
     acc = _fwd_tiles(acc, q, K_tile, V_tile, stride_kn, stride_vn, offs_m, offs_n0, offs_d, c, e,
                      qk_scale, z_bias, alibi_z, seqlen_q, seqlen_k, pos_shift, win_left, win_right,
-                     kv_row0, kv_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION, USE_TMA,
-                     PIPELINE_QK)
+                     kv_b, kv_row0, kv_col, True, HAS_ALIBI, SIGMOID, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+                     USE_TMA, PIPELINE_QK, VARLEN)
     o_offs = tl.arange(0, BLOCK_M)[:, None] * stride_on + offs_d[None, :]
     tl.store(O_tile + o_offs, acc.to(Out.dtype.element_ty), mask=row_ok & d_ok[None, :])
 
@@ -269,25 +291,28 @@ def window_bounds(seqlen_q: int, seqlen_k: int, causal: bool, window_left: int, 
 
 
 def tma_view(t: torch.Tensor, block_rows: int) -> TensorDescriptor | None:
-    """Descriptor over t (B, N, H, D) for [block_rows, BLOCK_D] tiles of one head, or None where TMA can't
-    address it (batch not a multiple of rows, unaligned strides, > 2^31 rows, padded D > 128). D a power of 2: the
-    (B * N, H * D) view; otherwise the (B * N, H, D) view with block [rows, 1, BLOCK_D], whose zero fill
-    pads lanes D..BLOCK_D (a rank-2 block would read the next head's columns there)."""
+    """Descriptor over t (B, N, H, D) for [1, block_rows, BLOCK_D] tiles of one head, or None where TMA can't
+    address it (unaligned strides, padded D > 128). D a power of 2: the (B, N, H * D) view; otherwise the
+    (B, N, H, D) view with block [1, rows, 1, BLOCK_D], whose zero fill pads lanes D..BLOCK_D (a block over H * D
+    would read the next head's columns there). The batch axis keeps a tile of batch b from reading batch b + 1's
+    rows: those read as zeros (a finite weight of 0 times an inf there would be NaN)."""
     b, n, h, d = t.shape
-    if t.stride(3) != 1 or (b > 1 and t.stride(0) != n * t.stride(1)) or b * n >= 2**31:
+    # One batch: its stride is never stepped, so any aligned value serves (a view's may be odd).
+    strides = [t.stride(0) if b > 1 else n * t.stride(1), t.stride(1), t.stride(2)]
+    if t.stride(3) != 1 or max(b, n) >= 2**31 or (b > 1 and strides[0] == 0):
         return None
-    if (t.stride(1) * t.element_size()) % 16 or (t.stride(2) * t.element_size()) % 16 or t.data_ptr() % 16:
+    if any((x * t.element_size()) % 16 for x in strides) or t.data_ptr() % 16:
         return None
     block_d = triton.next_power_of_2(d)
     if d != block_d and block_d > 128:
-        # Measured on H100 (bench/NOTES.md, v5): the rank-3 view sped up d=96 (fwd 264 -> 312 TFLOP/s) but
+        # Measured on H100 (bench/NOTES.md, v5): the padded view sped up d=96 (fwd 264 -> 312 TFLOP/s) but
         # slowed d=192 (421 -> 348), so padded dims above 128 keep the pointer path.
         return None
     if d == block_d:
         if t.stride(2) != d:
             return None
-        return TensorDescriptor(t, [b * n, h * d], [t.stride(1), 1], [block_rows, d])
-    return TensorDescriptor(t, [b * n, h, d], [t.stride(1), t.stride(2), 1], [block_rows, 1, block_d])
+        return TensorDescriptor(t, [b, n, h * d], [strides[0], strides[1], 1], [1, block_rows, d])
+    return TensorDescriptor(t, [b, n, h, d], [*strides, 1], [1, block_rows, 1, block_d])
 
 
 def use_tma_default(device: torch.device) -> bool:
@@ -295,9 +320,37 @@ def use_tma_default(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def wide_offsets(tensors: list[torch.Tensor], block_rows: int) -> bool:
+    """Whether a pointer tile's offsets rows * stride_n + d (tensors (B, N, H, D)) can pass int32. The kernels
+    then compute them in int64; otherwise in int32 (int64 offset tiles took ptxas from 816 to 1728 spill bytes
+    in the d=192 dK/dV kernel)."""
+    return any((block_rows - 1) * abs(t.stride(1)) + t.shape[-1] >= 2**31 for t in tensors)
+
+
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The kernels take any batch/seq/head strides but need unit stride along the head dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class Varlen(NamedTuple):
+    """Packed layout of a varlen call: sequence b is rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of q (int32
+    (batch + 1,) offsets on q's device) and likewise cu_seqlens_k of k/v; the max lengths size the grids."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def batch_stride(t: torch.Tensor, varlen: Varlen | None) -> int:
+    """Stride between sequences: a varlen tensor (1, total, H, D) has none, the kernels offset by cu_seqlens."""
+    return 0 if varlen is not None else t.stride(0)
+
+
+def kernel_bias(bias: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(fp32 contiguous bias, its stride between sequences): (Hq,) shared by every sequence, (B, Hq) per sequence."""
+    bias = bias.to(torch.float32).contiguous()
+    return bias, (bias.stride(0) if bias.dim() == 2 else 0)
 
 
 def sigmoid_attn_fwd(
@@ -316,15 +369,64 @@ def sigmoid_attn_fwd(
 ) -> torch.Tensor:
     """Launch the forward kernel. q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D), bias fp32 (Hq,),
     alibi_slopes fp32 (B, Hq) or None. Returns o (B, Nq, Hq, D) in q's dtype."""
+    return _launch_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl,
+                       config, use_tma, None)
+
+
+def sigmoid_attn_varlen_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    varlen: Varlen,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    sigmoid_impl: str,
+    config: AttnConfig | None = None,
+    use_tma: bool | None = None,
+) -> torch.Tensor:
+    """Launch the forward kernel on packed sequences. q (total_q, Hq, D), k/v (total_k, Hkv, D), bias fp32 (Hq,) or
+    (B, Hq), alibi_slopes fp32 (B, Hq) or None; causal/window bottom-right aligned per sequence.
+    Returns o (total_q, Hq, D) in q's dtype."""
+    return _launch_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl,
+                       config, use_tma, varlen)
+
+
+def _launch_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    sigmoid_impl: str,
+    config: AttnConfig | None,
+    use_tma: bool | None,
+    varlen: Varlen | None,
+) -> torch.Tensor:
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
-    batch, seqlen_q, nheads_q, head_dim = q.shape
-    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if o.numel() == 0:
-        return o
+    if varlen is None:
+        batch, seqlen_q, nheads_q, head_dim = q.shape
+        seqlen_k = k.shape[1]
+        cu_q = cu_k = bias  # unused pointers
+    else:
+        q, k, v, o = q[None], k[None], v[None], o[None]  # (1, total, H, D): one row space for all sequences
+        batch, seqlen_q, seqlen_k = varlen.cu_seqlens_q.numel() - 1, varlen.max_seqlen_q, varlen.max_seqlen_k
+        nheads_q, head_dim = q.shape[2], q.shape[3]
+        cu_q, cu_k = varlen.cu_seqlens_q.contiguous(), varlen.cu_seqlens_k.contiguous()
+    if o.numel() == 0 or k.shape[1] == 0 or seqlen_q == 0:
+        return (o.zero_() if varlen is None else o[0].zero_())
+    nheads_kv = k.shape[2]
     cfg = config or forward_config(head_dim, q.dtype, q.device, causal)
     left, right = window_bounds(seqlen_q, seqlen_k, causal, window_left, window_right)
-    bias = bias.to(torch.float32).contiguous()
+    bias, stride_bb = kernel_bias(bias)
     slopes = bias if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
     mode = sigmoid_mode(sigmoid_impl, q.device)
     grid = (triton.cdiv(seqlen_q, cfg.block_m) * batch * nheads_q,)
@@ -334,12 +436,12 @@ def sigmoid_attn_fwd(
     use_tma = all(x is not None for x in descs)
     qa, ka, va = descs if use_tma else (q, k, v)
     _sigmoid_attn_fwd_kernel[grid](
-        qa, ka, va, o, bias, slopes,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        o.stride(0), o.stride(1), o.stride(2),
-        slopes.stride(0) if slopes.dim() == 2 else 0,
+        qa, ka, va, o, bias, slopes, cu_q, cu_k,
+        batch_stride(q, varlen), q.stride(1), q.stride(2),
+        batch_stride(k, varlen), k.stride(1), k.stride(2),
+        batch_stride(v, varlen), v.stride(1), v.stride(2),
+        batch_stride(o, varlen), o.stride(1), o.stride(2),
+        stride_bb, slopes.stride(0) if slopes.dim() == 2 else 0,
         nheads_q, nheads_q // nheads_kv, seqlen_q, seqlen_k, left, right,
         float(scale), z_factor(mode),
         HAS_ALIBI=alibi_slopes is not None,
@@ -352,7 +454,9 @@ def sigmoid_attn_fwd(
         USE_TMA=use_tma,
         PIPELINE_QK=cfg.pipeline_qk,
         BLOCK_MAJOR=cfg.block_major,
+        VARLEN=varlen is not None,
+        WIDE_OFFS=wide_offsets([q, k, v, o], max(cfg.block_m, cfg.block_n)),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    return o
+    return o if varlen is None else o[0]

@@ -50,8 +50,8 @@ def sigmoid_from_z(z, SIGMOID: tl.constexpr):
 
 @triton.jit
 def tma_col(head, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Column coordinate of `head` in a descriptor from forward.tma_view: (B*N, H*D) views are addressed by
-    element column, (B*N, H, D) views (padded head dims) by head index."""
+    """Column coordinate of `head` in a descriptor from forward.tma_view: (B, N, H*D) views are addressed by
+    element column, (B, N, H, D) views (padded head dims) by head index."""
     if BLOCK_D == HEAD_DIM:
         col = head * HEAD_DIM
     else:
@@ -60,22 +60,24 @@ def tma_col(head, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def tma_load(desc, row, col, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """[BLOCK_ROWS, BLOCK_D] tile at (row, col); for padded head dims the rank-3 view zero-fills lanes >= D."""
+def tma_load(desc, batch, row, col, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """[BLOCK_ROWS, BLOCK_D] tile of sequence `batch` at (row, col). Rows past the batch's N read as zeros (the
+    descriptor's bounds); for padded head dims the (B, N, H, D) view zero-fills lanes >= D too."""
     if BLOCK_D == HEAD_DIM:
-        tile = desc.load([row, col])
+        tile = tl.reshape(desc.load([batch, row, col]), [BLOCK_ROWS, BLOCK_D])
     else:
-        tile = tl.reshape(desc.load([row, col, 0]), [BLOCK_ROWS, BLOCK_D])
+        tile = tl.reshape(desc.load([batch, row, col, 0]), [BLOCK_ROWS, BLOCK_D])
     return tile
 
 
 @triton.jit
-def tma_atomic_add(desc, row, col, val, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """TMA reduce-add of a [BLOCK_ROWS, BLOCK_D] tile (lanes >= D are clipped by the rank-3 view)."""
+def tma_atomic_add(desc, batch, row, col, val, BLOCK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """TMA reduce-add of a [BLOCK_ROWS, BLOCK_D] tile (rows past N and lanes >= D are clipped by the view)."""
     if BLOCK_D == HEAD_DIM:
-        desc.atomic_add([row, col], val)
+        desc.atomic_add([batch, row, col], tl.reshape(val, [1, BLOCK_ROWS, BLOCK_D]))
     else:
-        desc.atomic_add([row, col, 0], tl.reshape(val, [BLOCK_ROWS, 1, BLOCK_D]))
+        desc.atomic_add([batch, row, col, 0], tl.reshape(val, [1, BLOCK_ROWS, 1, BLOCK_D]))
 
 
 @triton.jit
@@ -97,6 +99,36 @@ def program_coords(seqlen, BLOCK: tl.constexpr, REVERSE: tl.constexpr, BLOCK_MAJ
     if REVERSE:
         blk = n_blocks - 1 - blk
     return blk, bh
+
+
+@triton.jit
+def seq_span(CuSeqlens, off_b, seqlen, VARLEN: tl.constexpr):
+    """(start, length, tma_b, tma_row0) of sequence off_b along one tensor's token axis.
+    Dense: start 0 (the batch stride places the sequence), length `seqlen`, TMA coordinates (off_b, 0).
+    VARLEN: the packed rows cu_seqlens[off_b] .. cu_seqlens[off_b + 1] (the host passes batch strides of 0 and
+    views the tensor as one batch), TMA coordinates (0, first row). TMA coordinates are int32."""
+    if VARLEN:
+        first = tl.load(CuSeqlens + off_b)
+        length = tl.load(CuSeqlens + off_b + 1) - first
+        start = first.to(tl.int64)
+        tma_b = 0
+        tma_row0 = first
+    else:
+        start = off_b * 0
+        length = seqlen
+        tma_b = off_b.to(tl.int32)
+        tma_row0 = 0
+    return start, length, tma_b, tma_row0
+
+
+@triton.jit
+def zero_rows_past(tile, offs_rows, count, VARLEN: tl.constexpr):
+    """tile [len(offs_rows), X] with rows >= count set to 0 under VARLEN. A boundary TMA tile of a packed tensor
+    reads the next sequence's rows; their weights are 0, but 0 * inf = NaN, so a non-finite value there must not
+    reach a dot. (Dense descriptors are (B, N, ...) views: rows past N already read as zeros.)"""
+    if VARLEN:
+        tile = tl.where((offs_rows < count)[:, None], tile, tl.zeros_like(tile))
+    return tile
 
 
 @triton.jit
@@ -124,11 +156,13 @@ def tile_ranges(
 
     Returns (a, b, c, e): tiles in [a, b) and [c, e) need a mask, tiles in [b, c) are fully visible
     for every t of the block, tiles outside [a, e) are invisible and skipped. A partial block of this
-    axis (start + BLOCK_THIS > count_this) gets no unmasked tiles, so its padding rows never count.
+    axis (start + BLOCK_THIS > count_this) gets no unmasked tiles, so its padding rows never count; a block
+    wholly past count_this (varlen programs beyond a short sequence) gets no tiles at all.
     """
     t_last = tl.minimum(start + BLOCK_THIS, count_this) - 1
     lo = tl.maximum(start + lo_delta, 0)
     hi = tl.minimum(t_last + hi_delta + 1, count_other)
+    hi = tl.where(start < count_this, hi, lo)
     a = (lo // BLOCK_OTHER) * BLOCK_OTHER
     e = tl.where(hi > lo, tl.cdiv(hi, BLOCK_OTHER) * BLOCK_OTHER, a)
     full_lo = tl.cdiv(tl.maximum(t_last + lo_delta, 0), BLOCK_OTHER) * BLOCK_OTHER

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sigattn.bench.flops import attn_bytes, attn_flops, gb_per_s, tflops_per_s, visible_pairs
+from sigattn.bench.flops import attn_bytes, attn_flops, gb_per_s, tflops_per_s, varlen_attn_flops, visible_pairs
 
 
 def test_forward_flops_hand_count() -> None:
@@ -47,3 +47,9 @@ def test_rates() -> None:
 def test_unknown_mode_raises() -> None:
     with pytest.raises(ValueError, match="mode"):
         attn_flops(1, 1, 1, 1, 1, mode="backward")
+
+
+def test_varlen_flops_sum_sequences() -> None:
+    # An equal-length pack is the dense batch; mixed lengths count each sequence's own pairs only.
+    assert varlen_attn_flops([512] * 4, [512] * 4, 8, 64, causal=True) == attn_flops(4, 8, 512, 512, 64, causal=True)
+    assert varlen_attn_flops([3, 0, 5], [2, 7, 5], 2, 16, mode="bwd") == 2.5 * 4 * 2 * 16 * (3 * 2 + 5 * 5)

@@ -210,7 +210,61 @@ def test_block_major_grid_order_same_result(deterministic, device):
         torch.testing.assert_close(x, y, rtol=0, atol=0 if deterministic else 1e-5)
 
 
+def poisoned_neighbour_check(q, k, v, do, poison_rows, clean_rows, fwd, bwd):
+    """Plant +inf/NaN in poison_rows = (q-side index, k-side index), one tensor of q, k, v, dO at a time: outputs
+    and gradients at clean_rows = (q-side, k-side) must be unchanged (bitwise), so no 0 * inf from a boundary
+    tile reaches another sequence."""
+    clean = [fwd(q, k, v)] + list(bwd(do, q, k, v)[:3])
+    for i in range(4):
+        args = [t.clone() for t in (q, k, v, do)]
+        rows = poison_rows[1] if i in (1, 2) else poison_rows[0]
+        bad = args[i][rows]
+        bad[..., ::2] = float("inf")
+        bad[..., 1::2] = float("nan")
+        args[i][rows] = bad
+        got = [fwd(*args[:3])] + list(bwd(args[3], *args[:3])[:3])
+        for name, x, y in zip(("out", "dq", "dk", "dv"), got, clean):
+            rows = clean_rows[0] if name in ("out", "dq") else clean_rows[1]
+            assert torch.equal(x[rows], y[rows]), f"{'qkvd'[i]} poisoned -> {name} changed"
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_nonfinite_next_batch_does_not_leak(use_tma, deterministic, device):
+    """inf/NaN in batch 1's first rows leaves batch 0 exact: TMA tiles of batch 0's boundary block must read zeros
+    there (a (B, N, ...) descriptor), not batch 1's rows (0 * inf = NaN). The interpreter runs descriptors too."""
+    if use_tma and not deterministic and interpreting():
+        pytest.skip("the interpreter has no TMA reduce-add (atomic dQ with descriptors)")
+    q, k, v, bias, slopes, do = make_inputs(2, 21, 19, 2, 1, 16, torch.float32, device, alibi=True)
+    args = (bias, 0.25, False, -1, -1, slopes, "accurate")
+
+    def fwd(q_, k_, v_):
+        return sigmoid_attn_fwd(q_, k_, v_, *args, use_tma=use_tma)
+
+    def bwd(do_, q_, k_, v_):
+        return sigmoid_attn_bwd(do_, q_, k_, v_, *args[:-1], deterministic, "accurate", use_tma=use_tma)
+
+    poisoned_neighbour_check(q, k, v, do, ((1, slice(0, 8)),) * 2, ((0,), (0,)), fwd, bwd)
+
+
 # GPU only (marked gpu, skipped on CPU): bf16, real tile sizes, long sequences, 64-bit addressing.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 96, 128])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_nonfinite_next_batch_does_not_leak(d, deterministic, device):
+    """As above with the real TMA tiles (Hopper), both backward forms, bf16 at real tile sizes."""
+    q, k, v, bias, _, do = make_inputs(2, 300, 260, 4, 2, d, torch.bfloat16, device)
+    args = (bias, d**-0.5, False, -1, -1, None, "fast")
+
+    def fwd(q_, k_, v_):
+        return sigmoid_attn_fwd(q_, k_, v_, *args)
+
+    def bwd(do_, q_, k_, v_):
+        return sigmoid_attn_bwd(do_, q_, k_, v_, *args[:-1], deterministic, "fast", fused_dq=not deterministic)
+
+    poisoned_neighbour_check(q, k, v, do, ((1, slice(0, 40)),) * 2, ((0,), (0,)), fwd, bwd)
 
 
 @pytest.mark.gpu
@@ -249,6 +303,43 @@ def test_gpu_deterministic_large(device):
     q, k, v, bias, slopes, do = make_inputs(2, 1000, 1000, 8, 2, 64, torch.bfloat16, device)
     runs = [sigmoid_attn_bwd(do, q, k, v, bias, 0.125, False, -1, -1, None, True, "fast") for _ in range(2)]
     for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_gpu_huge_sequence_stride(use_tma, device):
+    """Rows 21M elements apart (a sequence-first layout with a large batch * heads * d): a pointer tile's offsets
+    rows * stride pass 2^31 and must be int64 (WIDE_OFFS). q, k, v share one 8 GB buffer of such rows."""
+    n, h, d, stride = 200, 2, 64, 2**24 + 2**22
+    assert 127 * stride >= 2**31
+    buf = torch.randn(n, stride, dtype=torch.bfloat16, device=device)
+    q, k, v = (buf[:, i * h * d:(i + 1) * h * d].view(n, h, d)[None] for i in range(3))
+    do = torch.randn(1, n, h, d, dtype=torch.bfloat16, device=device)
+    bias = torch.full((h,), -math.log(n), device=device)
+    args = (bias, d**-0.5, True, -1, 0, None, "accurate")
+    got = [sigmoid_attn_fwd(q, k, v, *args, use_tma=use_tma)]
+    got += sigmoid_attn_bwd(do, q, k, v, *args[:-1], True, "accurate", use_tma=use_tma)[:3]
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    want = [sigmoid_attn_fwd(qc, kc, vc, *args, use_tma=use_tma)]
+    want += sigmoid_attn_bwd(do, qc, kc, vc, *args[:-1], True, "accurate", use_tma=use_tma)[:3]
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+def test_wide_offsets_form_matches(monkeypatch, device):
+    """The int64 tile-offset form (WIDE_OFFS, forced here) computes what the int32 form does."""
+    from sigattn.ops import backward, forward
+
+    q, k, v, bias, _, do = make_inputs(1, 20, 20, 2, 1, 16, torch.float32, device)
+    args = (bias, 0.25, True, -1, 0, None)
+    want = [sigmoid_attn_fwd(q, k, v, *args, "accurate")] + list(sigmoid_attn_bwd(do, q, k, v, *args, True,
+                                                                                   "accurate"))
+    monkeypatch.setattr(forward, "wide_offsets", lambda *a: True)
+    monkeypatch.setattr(backward, "wide_offsets", lambda *a: True)
+    got = [sigmoid_attn_fwd(q, k, v, *args, "accurate")] + list(sigmoid_attn_bwd(do, q, k, v, *args, True,
+                                                                                  "accurate"))
+    for x, y in zip(got, want):
         assert torch.equal(x, y)
 
 
