@@ -151,6 +151,47 @@ def test_ddp_under_torchrun_matches_one_process(tmp_path):
     assert _kind(ddp, "val")[0]["val_loss"] == pytest.approx(_kind(one, "val")[0]["val_loss"], rel=1e-5)
 
 
+def test_context_parallel_under_torchrun_matches_one_process(tmp_path):
+    """`--context-parallel 2` on two Gloo ranks (each a zigzag half of every sequence, ring attention, DDP over
+    both) logs the losses of the one-process run; the checkpoint loads into an ordinary model."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    args = ["lm", "--variants", "sigmoid", "--steps", "3", "--batch-size", "4", "--data-dir", CORPUS,
+            "--no-progress", "--threads", "1"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run([*launch, "-m", "sigattn.recipes.cli", *args, "--context-parallel", "2",
+                          "--out", str(tmp_path / "cp")], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    subprocess.run([sys.executable, "-m", "sigattn.recipes.cli", *args, "--out", str(tmp_path / "one")],
+                   check=True, env=env, cwd=root, capture_output=True, timeout=120)
+    cp, one = (read_log(tmp_path / d / "sigmoid" / "log.jsonl") for d in ("cp", "one"))
+    assert _kind(cp, "config")[0]["world"] == 2 and _kind(cp, "config")[0]["context_parallel"] == 2
+    assert [r["loss"] for r in _kind(cp, "train")] == pytest.approx([r["loss"] for r in _kind(one, "train")], rel=1e-5)
+    assert _kind(cp, "val")[0]["val_loss"] == pytest.approx(_kind(one, "val")[0]["val_loss"], rel=1e-5)
+    assert not _kind(cp, "attn_norm")
+    state = torch.load(tmp_path / "cp" / "sigmoid" / "checkpoint.pt", weights_only=True)
+    train_mod.build_model(RECIPE, VARIANTS["sigmoid"]).load_state_dict(state["model"])
+
+
+def test_context_parallel_refuses_what_it_cannot_run(tmp_path):
+    dist2 = train_mod.Dist(rank=0, world=2, cp=2)
+    for recipe, variant, match in (
+        (get_recipe("vit", "tiny"), "sigmoid", "for the LM recipe"),
+        (RECIPE, "softmax", "needs sigmoid attention without ALiBi"),
+        (RECIPE, "sigmoid-alibi", "needs sigmoid attention without ALiBi"),
+        (get_recipe("lm", "tiny", context=18), "sigmoid", "divisible by 2 \\* context_parallel"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            train_mod._check_context_parallel(recipe, VARIANTS[variant], dist2)
+    with pytest.raises(ValueError, match="must divide the world size"):
+        train_mod._check_context_parallel(RECIPE, VARIANTS["sigmoid"], train_mod.Dist(rank=0, world=3, cp=2))
+
+
 def test_truncate_log_drops_what_the_resumed_run_redoes(tmp_path):
     """attn_norm of step s is measured during update s + 1: resuming from checkpoint s must drop it."""
     path = tmp_path / "log.jsonl"
