@@ -108,8 +108,9 @@ def ring_sigmoid_attn(
 
     In W steps the K/V shards travel the ring (rank r sends to r + 1) while each rank runs the local
     attention on the shard in hand; the partial outputs over disjoint key shards simply add (no
-    normaliser, so no LSE exchange), summed in fp32. The backward runs the ring again, with each
-    shard's dK/dV accumulator travelling with it back to its owner. Memory per rank: O(seqlen_local).
+    normaliser, so no LSE exchange), summed in fp32. The backward runs the ring again, one backward-kernel
+    call per step and nothing recomputed (the backward needs only q, k, v, dO), with each shard's dK/dV
+    accumulator travelling with it back to its owner. Memory per rank: O(seqlen_local).
 
     Arguments:
         q: (batch, seqlen_local, nheads, headdim), this rank's shard of the queries.
@@ -128,8 +129,8 @@ def ring_sigmoid_attn(
             math does not depend on it.
         window_size, alibi_slopes: only (-1, -1) and None (ValueError otherwise): both need global offsets
             the local function has no argument for.
-        deterministic, sigmoid_impl, backend: passed to every local sigmoid_attn_func call ("auto": the
-            Triton kernels on CUDA, the reference on CPU).
+        deterministic, sigmoid_impl, backend: passed to every local sigmoid_attn_func / sigmoid_attn_backward
+            call ("auto": the Triton kernels on CUDA, the reference on CPU).
         reduce_bias_grad: False (default) returns the bias gradient of this rank's queries only, like every
             other replicated parameter's gradient under context parallelism: the trainer sums gradients over
             the CP group (e.g. DDP over the data x context ranks). True all-reduces (sums) it here, so each
