@@ -19,7 +19,7 @@ TAG_K, TAG_V, TAG_DK, TAG_DV = 0, 1, 2, 3
 
 @dataclass(frozen=True)
 class LocalArgs:
-    """The sigmoid_attn_func arguments every local call of one context-parallel call shares."""
+    """The arguments every local sigmoid_attn_func / sigmoid_attn_backward call of one context-parallel call shares."""
 
     scale: float
     deterministic: bool
