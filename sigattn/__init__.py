@@ -3,6 +3,7 @@
 from sigattn.ops.api import (
     available_backends,
     scaled_dot_product_sigmoid_attention,
+    sigmoid_attn_backward,
     sigmoid_attn_func,
     sigmoid_attn_varlen_func,
     sigmoid_attn_with_kvcache,
@@ -14,6 +15,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "scaled_dot_product_sigmoid_attention",
+    "sigmoid_attn_backward",
     "sigmoid_attn_func",
     "sigmoid_attn_varlen_func",
     "sigmoid_attn_with_kvcache",

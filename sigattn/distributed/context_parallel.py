@@ -87,8 +87,6 @@ def _check(
     return world, None, bias, args
 
 
-
-
 def ring_sigmoid_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -110,8 +108,9 @@ def ring_sigmoid_attn(
 
     In W steps the K/V shards travel the ring (rank r sends to r + 1) while each rank runs the local
     attention on the shard in hand; the partial outputs over disjoint key shards simply add (no
-    normaliser, so no LSE exchange), summed in fp32. The backward runs the ring again, with each
-    shard's dK/dV accumulator travelling with it back to its owner. Memory per rank: O(seqlen_local).
+    normaliser, so no LSE exchange), summed in fp32. The backward runs the ring again, one backward-kernel
+    call per step and nothing recomputed (the backward needs only q, k, v, dO), with each shard's dK/dV
+    accumulator travelling with it back to its owner. Memory per rank: O(seqlen_local).
 
     Arguments:
         q: (batch, seqlen_local, nheads, headdim), this rank's shard of the queries.
@@ -130,8 +129,8 @@ def ring_sigmoid_attn(
             math does not depend on it.
         window_size, alibi_slopes: only (-1, -1) and None (ValueError otherwise): both need global offsets
             the local function has no argument for.
-        deterministic, sigmoid_impl, backend: passed to every local sigmoid_attn_func call ("auto": the
-            Triton kernels on CUDA, the reference on CPU).
+        deterministic, sigmoid_impl, backend: passed to every local sigmoid_attn_func / sigmoid_attn_backward
+            call ("auto": the Triton kernels on CUDA, the reference on CPU).
         reduce_bias_grad: False (default) returns the bias gradient of this rank's queries only, like every
             other replicated parameter's gradient under context parallelism: the trainer sums gradients over
             the CP group (e.g. DDP over the data x context ranks). True all-reduces (sums) it here, so each
@@ -218,16 +217,20 @@ class AllGatherSigmoidAttn(torch.autograd.Function):
         acc = accumulation_dtype(q.dtype)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)  # [2, b, N, hkv, d]
-        dbias = None if bias_tensor is None else torch.zeros(bias_tensor.shape, dtype=acc, device=q.device)
+        need_dbias = bias_tensor is not None and ctx.needs_input_grad[3]
+        dbias = torch.zeros(q.shape[2], dtype=acc, device=q.device) if need_dbias else None  # per head
         plan = gathered_plan(rank, world, q.shape[1], ctx.causal, ctx.sharding)
         attend_grads(q, kv[0], kv[1], bias, do.contiguous(), plan, ctx.args, dq, dkv[0], dkv[1], dbias)
         # Rank r's rows of every rank's dK/dV, stacked in rank order, summed into rank r.
         by_rank = torch.cat([shard_sequence(dkv, r, world, ctx.sharding, dim=2) for r in range(world)])
         mine = dkv.new_empty((2,) + tuple(k.shape))  # [2, b, L, hkv, d]
         _reduce_scatter_single(mine, by_rank, group)
-        if dbias is not None and ctx.reduce_bias_grad:
-            dist.all_reduce(dbias, group=group)
-        dbias_out = None if bias_tensor is None else dbias.to(bias_tensor.dtype)
+        dbias_out = None
+        if dbias is not None:
+            if ctx.reduce_bias_grad:
+                dist.all_reduce(dbias, group=group)
+            assert bias_tensor is not None
+            dbias_out = (dbias.sum() if bias_tensor.dim() == 0 else dbias).to(bias_tensor.dtype)
         return dq.to(q.dtype), mine[0].to(k.dtype), mine[1].to(v.dtype), dbias_out, None, None, None, None, None, None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from sigattn.distributed.sharding import PairBlock, pair_plan
-from sigattn.ops.api import sigmoid_attn_func
+from sigattn.ops.api import sigmoid_attn_backward, sigmoid_attn_func
 
 # One tag per stream of messages, so gloo never matches a K buffer against a dK receive (NCCL ignores tags).
 TAG_K, TAG_V, TAG_DK, TAG_DV = 0, 1, 2, 3
@@ -18,7 +19,7 @@ TAG_K, TAG_V, TAG_DK, TAG_DV = 0, 1, 2, 3
 
 @dataclass(frozen=True)
 class LocalArgs:
-    """The sigmoid_attn_func arguments every local call of one context-parallel call shares."""
+    """The arguments every local sigmoid_attn_func / sigmoid_attn_backward call of one context-parallel call shares."""
 
     scale: float
     deterministic: bool
@@ -57,29 +58,20 @@ def block_grads(
     do: torch.Tensor,
     block: PairBlock,
     args: LocalArgs,
-) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv[, dbias]) of one block, in the inputs' dtypes: dq for its query rows, dk/dv for its key prefix.
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dbias) of one block: dq for its query rows, dk/dv for its key prefix (inputs' dtypes), dbias
+    per head ((nheads,), fp32/fp64) or None.
 
-    The block re-runs sigmoid_attn_func on detached leaves and differentiates it, so the public function
-    stays the only way into the kernels. The cost is one extra forward per block, 1 of the block's
-    1 + 1 + 2.5 forward units; a public backward entry point would remove it (sigmoid attention's
-    backward needs only q, k, v, dO: no saved output, no LSE).
+    One call of the backward entry point (the Triton dK/dV and dQ kernels on CUDA): sigmoid attention's
+    backward needs only q, k, v and dO, so nothing of the forward is recomputed and blocks are independent.
     """
-    with torch.enable_grad():
-        leaves = [
-            q[:, block.q_start : block.q_end].detach().requires_grad_(),
-            k[:, : block.kv_end].detach().requires_grad_(),
-            v[:, : block.kv_end].detach().requires_grad_(),
-        ]
-        bias_leaf = bias
-        if isinstance(bias, torch.Tensor):
-            bias_leaf = bias.detach().requires_grad_()
-            leaves.append(bias_leaf)
-        o = sigmoid_attn_func(
-            leaves[0], leaves[1], leaves[2], bias=bias_leaf, scale=args.scale, causal=block.causal,
-            deterministic=args.deterministic, sigmoid_impl=args.sigmoid_impl, backend=args.backend,
-        )
-        return torch.autograd.grad(o, leaves, do[:, block.q_start : block.q_end])
+    qs, qe, ke = block.q_start, block.q_end, block.kv_end
+    return sigmoid_attn_backward(
+        do[:, qs:qe], q[:, qs:qe], k[:, :ke], v[:, :ke], bias=bias, scale=args.scale, causal=block.causal,
+        deterministic=args.deterministic, sigmoid_impl=args.sigmoid_impl, backend=args.backend,
+        need_dbias=need_dbias,
+    )
 
 
 def attend_grads(
@@ -95,9 +87,9 @@ def attend_grads(
     dv: torch.Tensor,
     dbias: torch.Tensor | None,
 ) -> None:
-    """Adds the blocks' gradients into dq, dk, dv (and dbias when bias is a tensor), fp32 accumulators."""
+    """Adds the blocks' gradients into dq, dk, dv (and the per-head dbias, when not None), fp32 accumulators."""
     for b in blocks:
-        grads = block_grads(q, k, v, bias, do, b, args)
+        grads = block_grads(q, k, v, bias, do, b, args, dbias is not None)
         dq[:, b.q_start : b.q_end] += grads[0]
         dk[:, : b.kv_end] += grads[1]
         dv[:, : b.kv_end] += grads[2]
@@ -116,13 +108,13 @@ def pair_kv_grads(
     dq: torch.Tensor,
     dbias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A shard pair's (dk, dv), shaped like k and v, adding its dq (and dbias) into the fp32 accumulators.
+    """A shard pair's (dk, dv), shaped like k and v, adding its dq (and per-head dbias) into the fp32 accumulators.
 
     dk/dv stay in k's dtype when one block makes them (every zigzag and contiguous pair): a single
     contribution, rounded once, as the kernel returns it. Several blocks are summed in fp32.
     """
     if len(blocks) == 1 and blocks[0].kv_end == k.shape[1]:
-        grads = block_grads(q, k, v, bias, do, blocks[0], args)
+        grads = block_grads(q, k, v, bias, do, blocks[0], args, dbias is not None)
         dq[:, blocks[0].q_start : blocks[0].q_end] += grads[0]
         if dbias is not None:
             dbias += grads[3]
@@ -134,6 +126,37 @@ def pair_kv_grads(
     dv = torch.zeros(v.shape, dtype=dtype, device=v.device)
     attend_grads(q, k, v, bias, do, blocks, args, dq, dk, dv, dbias)
     return dk, dv
+
+
+class StepTimer:
+    """Timestamps at the ring's phase boundaries on this rank's compute stream, to see what the transfers cost.
+
+    ``mark(label)`` records a CUDA event on the current stream when `cuda` (so it completes when the work queued
+    before it does, the waits on transfers included), else the host clock (CPU ops and gloo waits block).
+    After a synchronize, ``spans()`` gives (label, ms since the previous mark): a "…compute" span is a step's
+    kernels, a "…wait" span the part of a transfer that the compute did not hide (exposed communication).
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, label: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((label, event))
+        else:
+            self.marks.append((label, time.perf_counter()))
+
+    def spans(self) -> list[tuple[str, float]]:
+        out = []
+        for (_, a), (label, b) in zip(self.marks, self.marks[1:]):
+            out.append((label, a.elapsed_time(b) if self.cuda else 1e3 * (b - a)))
+        return out
+
+    def clear(self) -> None:
+        self.marks = []
 
 
 @dataclass
@@ -155,8 +178,8 @@ class Transfer:
 class Ring:
     """This rank's place in a process group seen as a ring: sends go to rank + 1, receives come from rank - 1."""
 
-    def __init__(self, group: dist.ProcessGroup | None) -> None:
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup | None, timer: StepTimer | None = None) -> None:
+        self.group, self.timer = group, timer
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         # P2POp takes global ranks; in a sub-group (one CP group per data-parallel replica) they differ.
@@ -176,14 +199,21 @@ class Ring:
         ops += [dist.P2POp(dist.irecv, b, self.prev, self.group, tag) for b, tag in zip(received, tags)]
         return Transfer(sent, received, dist.batch_isend_irecv(ops))
 
+    def mark(self, label: str) -> None:
+        """A StepTimer mark, when one is attached (the benchmark's overlap figures); otherwise nothing."""
+        if self.timer is not None:
+            self.timer.mark(label)
+
 
 class RingSigmoidAttn(torch.autograd.Function):
     """Forward: W steps, each attending the local queries to the K/V shard in hand while the next one arrives.
 
-    Backward: the same ring again. dQ stays local (fp32). A shard's dK/dV sum starts at the first rank
-    after its owner and travels one step behind the shard's K/V (so each transfer overlaps the next
-    step's compute), each rank adding its contribution; the last hop hands it to the owner, who adds
-    its own share kept from step 0. W - 1 dK/dV transfers per shard, the first in k's dtype, the rest fp32.
+    Backward: the same ring again, one backward-kernel call per block (no forward recomputed: the backward
+    needs only q, k, v, dO). dQ stays local (fp32). A shard's dK/dV sum starts at the first rank after its
+    owner and travels one step behind the shard's K/V (so each transfer overlaps the next step's compute),
+    each rank adding its contribution; the last hop hands it to the owner, who adds its own share kept from
+    step 0. W - 1 dK/dV transfers per shard, the first in k's dtype, the rest fp32; only the last one is
+    exposed (nothing is left to compute while it travels).
     """
 
     @staticmethod
@@ -205,14 +235,17 @@ class RingSigmoidAttn(torch.autograd.Function):
         seqlen = q.shape[1]
         out = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=accumulation_dtype(q.dtype), device=q.device)
         kv = [k, v]
+        ring.mark("fwd.start")
         for step in range(ring.world):
             last = step + 1 == ring.world
             if not last:
-                incoming = ring.exchange(kv, (TAG_K, TAG_V))
+                incoming = ring.exchange(kv, (TAG_K, TAG_V))  # posted before the compute it hides behind
             src = (ring.rank - step) % ring.world
             attend(q, kv[0], kv[1], bias, pair_plan(ring.rank, src, ring.world, seqlen, causal, sharding), args, out)
+            ring.mark(f"fwd{step}.compute")
             if not last:
                 kv = incoming.wait()
+                ring.mark(f"fwd{step}.kv_wait")
         ctx.save_for_backward(q, k, v, bias_tensor)
         ctx.bias_value, ctx.ring, ctx.causal, ctx.sharding = bias_value, ring, causal, sharding
         ctx.args, ctx.reduce_bias_grad = args, reduce_bias_grad
@@ -227,10 +260,12 @@ class RingSigmoidAttn(torch.autograd.Function):
         acc = accumulation_dtype(q.dtype)
         seqlen = q.shape[1]
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dbias = None if bias_tensor is None else torch.zeros(bias_tensor.shape, dtype=acc, device=q.device)
+        need_dbias = bias_tensor is not None and ctx.needs_input_grad[3]
+        dbias = torch.zeros(q.shape[2], dtype=acc, device=q.device) if need_dbias else None  # per head
         kv = [k, v]
         own: tuple[torch.Tensor, torch.Tensor] | None = None
         inbox: Transfer | None = None
+        ring.mark("bwd.start")
         for step in range(ring.world):
             last = step + 1 == ring.world
             if not last:
@@ -238,6 +273,7 @@ class RingSigmoidAttn(torch.autograd.Function):
             src = (ring.rank - step) % ring.world
             plan = pair_plan(ring.rank, src, ring.world, seqlen, ctx.causal, ctx.sharding)
             dk, dv = pair_kv_grads(q, kv[0], kv[1], bias, do, plan, ctx.args, dq, dbias)
+            ring.mark(f"bwd{step}.compute")
             if step == 0:
                 own = (dk, dv)  # this rank's share of its own dK/dV waits here for the others' sum
             else:
@@ -245,11 +281,13 @@ class RingSigmoidAttn(torch.autograd.Function):
                     # Ranks src + 1 .. rank - 1's sum for shard src, sent after their previous step.
                     got = inbox.wait()
                     dk, dv = got[0].to(acc).add_(dk), got[1].to(acc).add_(dv)
+                    ring.mark(f"bwd{step}.dkdv_wait")
                 # The sum for shard src travels on towards its owner; the first hop carries one
                 # contribution in k's dtype (no rounding yet), later hops the fp32 sum.
                 inbox = ring.exchange((dk, dv), (TAG_DK, TAG_DV))
             if not last:
                 kv = incoming.wait()
+                ring.mark(f"bwd{step}.kv_wait")
         assert own is not None
         dk, dv = own
         if inbox is not None:
@@ -257,7 +295,11 @@ class RingSigmoidAttn(torch.autograd.Function):
             # place: with W = 2 both terms are in k's dtype, and one rounded add equals fp32-add-then-cast.
             got = inbox.wait()
             dk, dv = got[0].add_(dk), got[1].add_(dv)
-        if dbias is not None and ctx.reduce_bias_grad:
-            dist.all_reduce(dbias, group=ring.group)
-        dbias_out = None if bias_tensor is None else dbias.to(bias_tensor.dtype)
+            ring.mark("bwd.dkdv_wait")
+        dbias_out = None
+        if dbias is not None:
+            if ctx.reduce_bias_grad:
+                dist.all_reduce(dbias, group=ring.group)
+            assert bias_tensor is not None
+            dbias_out = (dbias.sum() if bias_tensor.dim() == 0 else dbias).to(bias_tensor.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias_out, None, None, None, None, None, None

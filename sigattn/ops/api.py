@@ -182,6 +182,88 @@ def sigmoid_attn_func(
             )
 
 
+def sigmoid_attn_backward(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias: float | torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    sigmoid_impl: str = "fast",
+    backend: str = "auto",
+    need_dbias: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward of ``sigmoid_attn_func`` on its own: gradients from dO with no forward pass and no autograd.
+
+    Sigmoid attention's backward needs only q, k, v and dO (dS = dP * p * (1 - p): no saved output, no LSE),
+    so callers that schedule the pieces themselves (context parallelism: one call per ring step, the
+    partial gradients over disjoint key shards simply add) pay no recomputed forward.
+
+    Arguments: do is (batch, seqlen_q, nheads, headdim) like the output; everything else exactly as
+    sigmoid_attn_func (same defaults, masks, GQA rule, backends). need_dbias=False skips the bias reduction.
+
+    Returns:
+        (dq, dk, dv, dbias): dq, dk, dv shaped and typed like q, k, v (GQA: dk/dv summed over the query heads
+        of each kv head); dbias is the gradient of a per-head bias, (nheads,) float32 (float64 for float64
+        inputs), summed over batch, queries and keys (sum it again for a scalar bias), or None when
+        need_dbias=False. No gradient for alibi_slopes.
+    """
+    check_tensor("do", do, 4, "(batch, seqlen_q, nheads, headdim)")
+    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_same({"q": q, "k": k, "v": v, "do": do})
+    if do.shape[:-1] != q.shape[:-1] or do.shape[-1] != v.shape[-1]:
+        raise ValueError(f"do must be shaped like the output {tuple(q.shape)}; got {tuple(do.shape)}")
+    b = q.shape[0]
+    check_batch_and_seqlen(q.shape, k.shape, v.shape, 1, "q,k,v")
+    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "q,k,v")
+    sk = k.shape[1]
+    scale = check_scale(scale, d)
+    bias = check_bias(bias, hq, q.device, -math.log(sk) if sk > 0 else 0.0)
+    window = check_window(window_size, causal)
+    alibi = check_alibi(alibi_slopes, b, hq, q.device)
+    check_flag("deterministic", deterministic)
+    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
+    check_choice("backend", backend, BACKENDS)
+    check_flag("need_dbias", need_dbias)
+    # No slope gradient either way, so slopes that require grad need not go to the reference here.
+    backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, None if alibi is None else alibi.detach()))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if q.numel() == 0 or sk == 0:
+        dbias = torch.zeros(hq, dtype=acc, device=q.device) if need_dbias else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+    match backend:
+        case "triton":
+            from sigattn.ops import custom_ops
+
+            if alibi is not None:
+                alibi = alibi.detach().expand(b, hq).contiguous()
+            dq, dk, dv, dbias = custom_ops.dense_bwd(
+                do, q.detach(), k.detach(), v.detach(), _per_head_bias(bias, hq, q.device).detach(), scale,
+                causal, window[0], window[1], alibi, deterministic, sigmoid_impl, need_dbias,
+            )
+            return dq, dk, dv, (dbias if need_dbias else None)
+        case _:
+            # The reference has no hand-written backward: autograd through it (it recomputes its scores per
+            # chunk anyway, to bound memory). It is the oracle and the CPU path, not the fast one.
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            bias_leaf = (bias.detach().to(acc) if isinstance(bias, torch.Tensor) else torch.tensor(bias, dtype=acc,
+                         device=q.device)).expand(hq).clone().requires_grad_(need_dbias)
+            with torch.enable_grad():
+                out = reference.sigmoid_attn(
+                    *leaves, scale=scale, bias=bias_leaf, causal=causal, window_size=window,
+                    alibi_slopes=None if alibi is None else alibi.detach(),
+                )
+                grads = torch.autograd.grad(out, leaves + ([bias_leaf] if need_dbias else []), do)
+            return grads[0], grads[1], grads[2], (grads[3] if need_dbias else None)
+
+
 def _empty_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: float | torch.Tensor
 ) -> torch.Tensor:

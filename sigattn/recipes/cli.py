@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", default=None, help="asr: the synthetic corpus, tiny or gpu (default: the size's)")
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "reference"],
                         help="sigmoid attention backend (default auto: Triton kernels on CUDA)")
+    parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                        help="lm under torchrun: N consecutive ranks share each sequence (zigzag shards, ring "
+                        "attention); the batch is split over world / N replicas (default 1: data parallel only)")
     parser.add_argument("--no-amp", action="store_true", help="train in float32 on CUDA (default: bfloat16 autocast)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -68,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
     summaries = run_comparison(
         recipe, variants, out, device=args.device, seed=args.seed, resume=args.resume, data_dir=args.data_dir,
         backend=args.backend, amp=not args.no_amp, progress=not args.no_progress, compile=args.compile,
+        context_parallel=getattr(args, "context_parallel", 1),
     )
     dist = init_distributed(args.device)
     if dist.world > 1:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sigattn.distributed import enable_context_parallel, shard_sequence
 from sigattn.nn.diagnostics import AttentionDiagnostics
 from sigattn.recipes import data as datasets
 from sigattn.recipes.asr import AsrTask
@@ -104,15 +105,33 @@ def get_recipe(task: str, size: str = "tiny", **overrides: Any) -> Recipe:
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in a torchrun launch (rank 0 of 1 when not launched by torchrun)."""
+    """This process's place in a torchrun launch (rank 0 of 1 when not launched by torchrun).
+
+    cp: context-parallel ranks per sequence. Ranks cp * i .. cp * i + cp - 1 form data-parallel replica i (one
+    node's GPUs when cp divides the GPUs per node): each holds a zigzag shard of every sequence of the
+    replica's slice of the batch.
+    """
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    cp: int = 1
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.cp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.cp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.cp
 
 
 def init_distributed(device: str | None) -> Dist:
@@ -129,6 +148,35 @@ def init_distributed(device: str | None) -> Dist:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if cuda else "gloo")
     return Dist(rank, world, local_rank)
+
+
+_CP_GROUPS: dict[int, Any] = {}
+
+
+def context_parallel_group(dist: Dist) -> Any:
+    """This rank's context-parallel process group (made once per size: new_group is collective, all ranks call)."""
+    import torch.distributed as tdist
+
+    if dist.cp not in _CP_GROUPS:
+        groups = [tdist.new_group(list(range(i * dist.cp, (i + 1) * dist.cp))) for i in range(dist.dp)]
+        _CP_GROUPS[dist.cp] = groups[dist.dp_rank]
+    return _CP_GROUPS[dist.cp]
+
+
+def _check_context_parallel(recipe: Recipe, variant: Variant, dist: Dist) -> None:
+    if dist.cp == 1:
+        return
+    if dist.world % dist.cp:
+        raise ValueError(f"context_parallel ({dist.cp}) must divide the world size ({dist.world})")
+    if recipe.task != "lm":
+        raise ValueError(f"context parallelism is for the LM recipe; got task {recipe.task!r}")
+    if variant.attention != "sigmoid" or variant.positional == "alibi":
+        raise ValueError(f"context parallelism needs sigmoid attention without ALiBi; variant {variant.name!r} has "
+                         f"attention={variant.attention!r}, positional={variant.positional!r} (use --variants "
+                         "sigmoid, sigmoid-b0, sigmoid-no-layerscale or sigmoid-no-qknorm)")
+    if recipe.context % (2 * dist.cp):
+        raise ValueError(f"context ({recipe.context}) must be divisible by 2 * context_parallel ({2 * dist.cp}): "
+                         "zigzag sharding cuts each sequence into 2 chunks per rank")
 
 
 def _resolve_device(device: str | None, dist: Dist) -> torch.device:
@@ -229,8 +277,8 @@ class _Task:
 
     def __init__(self, recipe: Recipe, seed: int, dist: Dist, device: torch.device, data_dir: str | None) -> None:
         self.recipe, self.seed, self.dist, self.device = recipe, seed, dist, device
-        if recipe.batch % dist.world:
-            raise ValueError(f"batch ({recipe.batch}) must be divisible by the world size ({dist.world})")
+        if recipe.batch % dist.dp:
+            raise ValueError(f"batch ({recipe.batch}) must be divisible by the data-parallel size ({dist.dp})")
         self.corpus = datasets.load_corpus(data_dir) if recipe.task == "lm" else None
         self.images = datasets.load_images(data_dir) if recipe.task == "vit" else None
         if self.corpus is not None:
@@ -251,9 +299,16 @@ class _Task:
                 "val_images": self.images.val_x.shape[0]}
 
     def _shard(self, t: torch.Tensor) -> torch.Tensor:
-        # The global batch is the same whatever the world size; each rank takes its contiguous slice.
-        per = t.shape[0] // self.dist.world
-        return t[self.dist.rank * per : (self.dist.rank + 1) * per].to(self.device, non_blocking=True)
+        # The global batch is the same whatever the world size; each replica takes its contiguous slice, and
+        # under context parallelism each of its ranks a zigzag shard of every sequence.
+        per = t.shape[0] // self.dist.dp
+        t = t[self.dist.dp_rank * per : (self.dist.dp_rank + 1) * per]
+        return self._shard_sequence(t).to(self.device, non_blocking=True)
+
+    def _shard_sequence(self, t: torch.Tensor) -> torch.Tensor:
+        if self.dist.cp == 1:
+            return t
+        return shard_sequence(t, self.dist.cp_rank, self.dist.cp, "zigzag", dim=1)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.recipe
@@ -274,8 +329,9 @@ class _Task:
         total = torch.zeros(3, dtype=torch.float64, device=self.device)  # [loss sum, correct, count]
         for x, y in self.eval_set:
             # tensor_split: uneven shares (weighted by their counts below) keep the one-process eval set.
-            rank, world = self.dist.rank, self.dist.world
-            x, y = (t.tensor_split(world)[rank].to(self.device, non_blocking=True) for t in (x, y))
+            rank, world = self.dist.dp_rank, self.dist.dp
+            x, y = (self._shard_sequence(t.tensor_split(world)[rank]).to(self.device, non_blocking=True)
+                    for t in (x, y))
             if y.numel() == 0:
                 continue
             with autocast():
@@ -306,6 +362,7 @@ def train(
     progress: bool = True,
     stop_at: int | None = None,
     compile: bool = False,
+    context_parallel: int = 1,
 ) -> dict[str, Any]:
     """Train `variant` under `recipe` into out_dir; returns the run's summary (also written to summary.json).
 
@@ -323,12 +380,18 @@ def train(
     torch.compile the training forward/backward (the models are elementwise-bound in eager mode: fp32 norms,
     LayerScale, RoPE); the steps that record attention diagnostics and the evaluations run eagerly on the same
     weights.
+    context_parallel: ranks per sequence (LM only; default 1): under torchrun, groups of this many consecutive
+    ranks each hold a zigzag shard of every sequence and run the attention as a ring (sigattn.distributed);
+    the batch is split over world / context_parallel replicas. Same losses as without it (up to rounding);
+    checkpoints are interchangeable. No attention diagnostics (attn_norm records) under it: they would see
+    only the local keys.
     A non-finite training loss ends the run early with ``diverged: true`` in the summary. Records: a train
     loss at step s is that of the s-th update's batch; val at step s is after s updates; attn_norm at step
     s is measured in the forward of batch s, after s updates (s = 0: at initialisation).
     Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 writes the files.
     """
-    dist = init_distributed(device)
+    dist = dataclasses.replace(init_distributed(device), cp=context_parallel)
+    _check_context_parallel(recipe, variant, dist)
     dev = _resolve_device(device, dist)
     out = Path(out_dir)
     log_path, ckpt_path, summary_path = out / LOG_NAME, out / CKPT_NAME, out / SUMMARY_NAME
@@ -341,6 +404,8 @@ def train(
         model = task.build_model(recipe.shape, variant, backend).to(dev)
     else:
         model = build_model(recipe, variant, task.images, backend).to(dev)
+    if dist.cp > 1:
+        enable_context_parallel(model, context_parallel_group(dist))
     optimizer = _optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, recipe))
     start = 0
@@ -377,7 +442,8 @@ def train(
 
     params = sum(p.numel() for p in model.parameters())
     log({"kind": "config", "step": start, "variant": dataclasses.asdict(variant), "recipe": dataclasses.asdict(recipe),
-         "seed": seed, "device": str(dev), "world": dist.world, "amp": use_amp, "compile": compile, "params": params,
+         "seed": seed, "device": str(dev), "world": dist.world, "context_parallel": dist.cp, "amp": use_amp,
+         "compile": compile, "params": params,
          "resumed": start > 0, **task.data_info()})
     end = recipe.steps if stop_at is None else min(stop_at, recipe.steps)
     if dev.type == "cuda":
@@ -427,7 +493,7 @@ def train(
     t0 = time.perf_counter()
     for step in range(start, end):
         # Diagnostics hooks only on the measured steps; their statistics stay on the device until flush.
-        measure = _norm_step(step, recipe.norm_every)
+        measure = _norm_step(step, recipe.norm_every) and dist.cp == 1
         diag = AttentionDiagnostics(model, sample_rows=recipe.diag_rows) if measure else None
         x, y = task.batch(step)
         with diag if diag is not None else contextlib.nullcontext():

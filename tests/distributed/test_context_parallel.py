@@ -24,6 +24,9 @@ from sigattn.distributed import (
     shard_sequence,
     unshard_sequence,
 )
+from sigattn.distributed import context_parallel as cp_module
+from sigattn.distributed import ring as ring_module
+from sigattn.distributed.ring import LocalArgs, Ring, RingSigmoidAttn, StepTimer
 from sigattn.distributed.sharding import chunk_ids, gathered_plan, pair_plan
 
 # ---------------------------------------------------------------- sharding (no processes)
@@ -122,6 +125,8 @@ class Case:
     strided: bool = False  # q/k/v as transposed views of (batch, nheads, seqlen, headdim) tensors
     subgroups: bool = False  # two interleaved CP groups of world / 2 ranks, different data in each
     backend: str = "auto"  # of the local calls; "triton" on CPU runs the kernels under Triton's interpreter
+    deterministic: bool = False
+    timed: bool = False  # through RingSigmoidAttn with a StepTimer: also checks the overlap marks
 
 
 CPU_CASES = [
@@ -141,14 +146,25 @@ CPU_CASES = [
     Case("allgather-causal-contiguous-default", "all_gather", True, "contiguous", 2, 2, "none", "float64"),
     Case("allgather-full-zigzag-mqa-fp32", "all_gather", False, "zigzag", 4, 1, "scalar", "float32",
          reduce_bias_grad=True),
+    Case("ring-causal-zigzag-timed", "ring", True, "zigzag", 2, 2, "scalar", "float64", timed=True),
     Case("ring-causal-zigzag-gqa-triton", "ring", True, "zigzag", 4, 2, "per_head", "float32", headdim=16,
          backend="triton"),
+    Case("ring-causal-contiguous-fp16-triton", "ring", True, "contiguous", 2, 1, "scalar", "float16", headdim=16,
+         backend="triton", deterministic=True),
+    Case("allgather-causal-zigzag-triton", "all_gather", True, "zigzag", 2, 2, "per_head", "float32", headdim=16,
+         backend="triton"),
 ]
-# The interpreted kernels cost ~0.1 s a call, so they run in the 2-process spawn only.
-CPU_RUNS = [(w, c) for w in (2, 4) for c in CPU_CASES if c.backend != "triton" or w == 2]
+# The interpreted kernels cost ~0.1 s a call: the 4-process spawn runs one of them.
+CPU_RUNS = [(w, c) for w in (2, 4) for c in CPU_CASES
+            if c.backend != "triton" or w == 2 or c.name == "ring-causal-zigzag-gqa-triton"]
 
 GPU_CASES = [
     Case("gpu-ring-causal-zigzag-gqa-bf16", "ring", True, "zigzag", 8, 2, "per_head", "bfloat16", headdim=64),
+    Case("gpu-ring-causal-zigzag-bf16-d128-timed", "ring", True, "zigzag", 16, 16, "none", "bfloat16", headdim=128,
+         timed=True),
+    Case("gpu-ring-causal-zigzag-bf16-deterministic", "ring", True, "zigzag", 4, 2, "scalar", "bfloat16",
+         headdim=128, deterministic=True, reduce_bias_grad=True),
+    Case("gpu-ring-full-contiguous-gqa-bf16", "ring", False, "contiguous", 8, 2, "per_head", "bfloat16", headdim=96),
     Case("gpu-ring-causal-contiguous-fp16", "ring", True, "contiguous", 4, 4, "none", "float16", headdim=64),
     Case("gpu-ring-full-zigzag-fp32", "ring", False, "zigzag", 4, 1, "float", "float32", headdim=128),
     Case("gpu-allgather-causal-zigzag-bf16", "all_gather", True, "zigzag", 8, 2, "per_head", "bfloat16", headdim=64),
@@ -200,7 +216,7 @@ def _run_case(case: Case, world: int, rank: int, device: torch.device) -> list[s
     def full(inputs: list[torch.Tensor], bias: float | torch.Tensor | None, backend: str) -> list[torch.Tensor]:
         leaves = [t.detach().requires_grad_() for t in inputs]
         bl = bias.detach().requires_grad_() if isinstance(bias, torch.Tensor) else bias
-        out = sigmoid_attn_func(*leaves, bias=bl, causal=case.causal, backend=backend)
+        out = sigmoid_attn_func(*leaves, bias=bl, causal=case.causal, backend=backend, deterministic=case.deterministic)
         grads = torch.autograd.grad(out, leaves + ([bl] if isinstance(bl, torch.Tensor) else []), do.to(out.dtype))
         return [out.detach(), *grads]
 
@@ -222,14 +238,22 @@ def _run_case(case: Case, world: int, rank: int, device: torch.device) -> list[s
         bias_l = lp_bias.detach().requires_grad_()
         leaves.append(bias_l)
     fn = ring_sigmoid_attn if case.fn == "ring" else all_gather_sigmoid_attn
-    out = fn(*leaves[:3], group=group, bias=bias_l, causal=case.causal, sharding=case.sharding,
-             reduce_bias_grad=case.reduce_bias_grad, backend=case.backend)
+    timer = StepTimer(gpu) if case.timed else None
+    if timer is not None:
+        bias_t = bias_l if isinstance(bias_l, torch.Tensor) else None
+        bias_f = -math.log(n) if bias_l is None else (0.0 if bias_t is not None else bias_l)
+        args = LocalArgs(case.headdim**-0.5, case.deterministic, "fast", case.backend)
+        out = RingSigmoidAttn.apply(*leaves[:3], bias_t, bias_f, Ring(group, timer), case.causal, case.sharding,
+                                    args, case.reduce_bias_grad)
+    else:
+        out = fn(*leaves[:3], group=group, bias=bias_l, causal=case.causal, sharding=case.sharding,
+                 reduce_bias_grad=case.reduce_bias_grad, backend=case.backend, deterministic=case.deterministic)
     grads = list(torch.autograd.grad(out, leaves, shard_sequence(do, cp_rank, cp_world, case.sharding)))
     if len(grads) == 4 and not case.reduce_bias_grad:
         dist.all_reduce(grads[3], group=group)  # the trainer's sum over the CP group
     gathered_out = gather_sequence(out.detach(), group, case.sharding)
 
-    failures = []
+    failures = [] if timer is None else _timer_failures(timer, cp_world)
     for name, g, want_dtype, r, s in zip(
         ["out", "dq", "dk", "dv", "dbias"], [out, *grads], [dtype] + [t.dtype for t in leaves], ref, single
     ):
@@ -246,6 +270,24 @@ def _run_case(case: Case, world: int, rank: int, device: torch.device) -> list[s
     err, tol = (gathered_out.double() - ref[0]).abs().max().item(), _tolerance(single[0], ref[0], dtype)
     if not err <= tol:
         failures.append(f"gather_sequence: max abs err {err:.3g} > tol {tol:.3g}")
+    return failures
+
+
+def _timer_failures(timer: StepTimer, world: int) -> list[str]:
+    """The marks of one forward + backward: a compute span per step, a wait span per transfer, none negative."""
+    if timer.cuda:
+        torch.cuda.synchronize()
+    spans = timer.spans()
+    fwd = ["fwd0.compute"] + [x for s in range(1, world) for x in (f"fwd{s - 1}.kv_wait", f"fwd{s}.compute")]
+    bwd = ["bwd0.compute"]
+    for s in range(1, world):
+        bwd += [f"bwd{s - 1}.kv_wait", f"bwd{s}.compute"] + ([f"bwd{s}.dkdv_wait"] if s > 1 else [])
+    want = fwd + ["bwd.start"] + bwd + (["bwd.dkdv_wait"] if world > 1 else [])
+    failures = []
+    if [label for label, _ in spans] != want:
+        failures.append(f"timer marks {[label for label, _ in spans]}, want {want}")
+    if any(not ms >= 0 for _, ms in spans):
+        failures.append(f"negative or NaN timer span: {spans}")
     return failures
 
 
@@ -372,6 +414,24 @@ def test_argument_errors(world_of_one: None, fn, kwargs: dict, shape: tuple, err
     x = torch.randn(*shape)
     with pytest.raises(error, match=match):
         fn(x, x, x, **kwargs)
+
+
+@pytest.mark.parametrize("fn", [ring_sigmoid_attn, all_gather_sigmoid_attn])
+def test_backward_recomputes_no_forward(world_of_one: None, fn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backward calls the backward entry point once per block and never the forward (no recompute)."""
+    calls: list[str] = []
+    real_fwd, real_bwd = ring_module.sigmoid_attn_func, ring_module.sigmoid_attn_backward
+    monkeypatch.setattr(ring_module, "sigmoid_attn_func", lambda *a, **kw: calls.append("fwd") or real_fwd(*a, **kw))
+    monkeypatch.setattr(ring_module, "sigmoid_attn_backward",
+                        lambda *a, **kw: calls.append("bwd") or real_bwd(*a, **kw))
+    monkeypatch.setattr(cp_module, "sigmoid_attn_func", lambda *a, **kw: calls.append("fwd") or real_fwd(*a, **kw))
+    q, k, v = (torch.randn(1, 6, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.tensor(-1.0, dtype=torch.float64)  # a tensor that needs no gradient: none is returned
+    out = fn(q, k, v, bias=bias, causal=True)
+    calls.clear()
+    out.backward(torch.randn_like(out))
+    assert calls == ["bwd"] * (1 if fn is ring_sigmoid_attn else 2)  # all-gather: one block per zigzag chunk
+    assert bias.grad is None and q.grad is not None
 
 
 def test_causal_contiguous_allows_odd_local_length(world_of_one: None) -> None:

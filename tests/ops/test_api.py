@@ -130,6 +130,54 @@ def test_seqlen_one():
     torch.testing.assert_close(out, direct(q, k, v, 1 / math.sqrt(8), 0.0))
 
 
+# --------------------------------------------------------------------------- backward entry point
+BACKWARD_FORMS = [
+    pytest.param({"causal": True}, 9, 13, "per_head", id="causal-sq<sk-perhead"),
+    pytest.param({"causal": True}, 13, 9, "scalar", id="causal-sq>sk-scalar"),
+    pytest.param({"window_size": (3, 2)}, 11, 11, "float", id="window-float"),
+    pytest.param({"alibi_slopes": "slopes"}, 7, 12, "none", id="alibi-default-bias"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(("form", "sq", "sk", "bias_kind"), BACKWARD_FORMS)
+def test_backward_entry_point_equals_autograd(backend, form, sq, sk, bias_kind):
+    if backend not in sigattn.available_backends("cpu"):
+        pytest.skip("the Triton interpreter is not available")
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    q, k, v = qkv(b=2, sq=sq, sk=sk, h=4, hk=2, d=16, dtype=dtype)
+    do = torch.randn_like(q)
+    bias = {"none": None, "float": -1.5, "scalar": torch.tensor(-1.0, dtype=dtype),
+            "per_head": -1.0 + 0.3 * torch.randn(4, dtype=dtype)}[bias_kind]
+    kw = {k_: (torch.rand(4) if v_ == "slopes" else v_) for k_, v_ in form.items()}
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    bias_leaf = bias.clone().requires_grad_() if isinstance(bias, torch.Tensor) else bias
+    out = sigmoid_attn_func(*leaves, bias=bias_leaf, backend=backend, **kw)
+    want = torch.autograd.grad(out, leaves + ([bias_leaf] if isinstance(bias, torch.Tensor) else []), do)
+    dq, dk, dv, dbias = sigattn.sigmoid_attn_backward(do, q, k, v, bias=bias, backend=backend, **kw)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for got, w in zip((dq, dk, dv), want):
+        assert got.dtype == w.dtype and got.shape == w.shape
+        torch.testing.assert_close(got, w, **tol)
+    assert dbias is not None and dbias.shape == (4,) and dbias.dtype == (torch.float64 if backend == "reference"
+                                                                         else torch.float32)
+    if isinstance(bias, torch.Tensor):
+        torch.testing.assert_close(dbias.sum() if bias.dim() == 0 else dbias, want[3].to(dbias.dtype), **tol)
+    assert sigattn.sigmoid_attn_backward(do, q, k, v, bias=bias, backend=backend, need_dbias=False, **kw)[3] is None
+
+
+def test_backward_entry_point_empty_and_errors():
+    q, k, v = qkv(sk=0)
+    dq, dk, dv, dbias = sigattn.sigmoid_attn_backward(torch.randn_like(q), q, k, v)
+    assert torch.equal(dq, torch.zeros_like(q)) and dk.shape == k.shape and dv.shape == v.shape
+    assert dbias is not None and torch.equal(dbias, torch.zeros(4))
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="do must be shaped like the output"):
+        sigattn.sigmoid_attn_backward(q[:, :3], q, k, v)
+    with pytest.raises(TypeError, match="share one dtype"):
+        sigattn.sigmoid_attn_backward(q.double(), q, k, v)
+
+
 # --------------------------------------------------------------------------- dispatch
 def test_available_backends_cpu():
     backends = sigattn.available_backends("cpu")

@@ -130,25 +130,63 @@ def test_vit_patch_fits_the_images():
         build_model(get_recipe("vit", "tiny"), VARIANTS["sigmoid"])
 
 
-def test_ddp_under_torchrun_matches_one_process(tmp_path):
-    """Two Gloo ranks, each with half of the same global batch, log the losses of the one-process run."""
+TORCHRUN_ARGS = ["lm", "--variants", "sigmoid", "--steps", "2", "--batch-size", "4", "--data-dir", CORPUS,
+                 "--no-progress", "--threads", "1"]
+
+
+def _cli(out: Path, *extra: str, nproc: int = 1) -> list[dict]:
+    """`sigattn train` (under torchrun when nproc > 1) with TORCHRUN_ARGS; returns the sigmoid run's log."""
     import os
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    args = ["lm", "--variants", "sigmoid", "--steps", "2", "--batch-size", "4", "--data-dir", CORPUS,
-            "--no-progress", "--threads", "1"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    subprocess.run([*launch, "-m", "sigattn.recipes.cli", *args, "--out", str(tmp_path / "ddp")],
-                   check=True, env=env, cwd=root, capture_output=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "sigattn.recipes.cli", *args, "--out", str(tmp_path / "one")],
-                   check=True, env=env, cwd=root, capture_output=True, timeout=120)
-    ddp, one = (read_log(tmp_path / d / "sigmoid" / "log.jsonl") for d in ("ddp", "one"))
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+                                 if nproc > 1 else [])
+    run = subprocess.run([*launch, "-m", "sigattn.recipes.cli", *TORCHRUN_ARGS, *extra, "--out", str(out)], env=env,
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return read_log(out / "sigmoid" / "log.jsonl")
+
+
+@pytest.fixture(scope="module")
+def one_process_log(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return _cli(tmp_path_factory.mktemp("one"))
+
+
+def test_ddp_under_torchrun_matches_one_process(tmp_path, one_process_log):
+    """Two Gloo ranks, each with half of the same global batch, log the losses of the one-process run."""
+    ddp, one = _cli(tmp_path / "ddp", nproc=2), one_process_log
     assert _kind(ddp, "config")[0]["world"] == 2
     assert [r["loss"] for r in _kind(ddp, "train")] == pytest.approx([r["loss"] for r in _kind(one, "train")], rel=1e-5)
     assert _kind(ddp, "val")[0]["val_loss"] == pytest.approx(_kind(one, "val")[0]["val_loss"], rel=1e-5)
+
+
+def test_context_parallel_under_torchrun_matches_one_process(tmp_path, one_process_log):
+    """`--context-parallel 2` on two Gloo ranks (each a zigzag half of every sequence, ring attention, DDP over
+    both) logs the losses of the one-process run; the checkpoint loads into an ordinary model."""
+    cp, one = _cli(tmp_path / "cp", "--context-parallel", "2", nproc=2), one_process_log
+    assert _kind(cp, "config")[0]["world"] == 2 and _kind(cp, "config")[0]["context_parallel"] == 2
+    assert [r["loss"] for r in _kind(cp, "train")] == pytest.approx([r["loss"] for r in _kind(one, "train")], rel=1e-5)
+    assert _kind(cp, "val")[0]["val_loss"] == pytest.approx(_kind(one, "val")[0]["val_loss"], rel=1e-5)
+    assert not _kind(cp, "attn_norm")
+    state = torch.load(tmp_path / "cp" / "sigmoid" / "checkpoint.pt", weights_only=True)
+    train_mod.build_model(RECIPE, VARIANTS["sigmoid"]).load_state_dict(state["model"])
+
+
+def test_context_parallel_refuses_what_it_cannot_run(tmp_path):
+    dist2 = train_mod.Dist(rank=0, world=2, cp=2)
+    for recipe, variant, match in (
+        (get_recipe("vit", "tiny"), "sigmoid", "for the LM recipe"),
+        (RECIPE, "softmax", "needs sigmoid attention without ALiBi"),
+        (RECIPE, "sigmoid-alibi", "needs sigmoid attention without ALiBi"),
+        (get_recipe("lm", "tiny", context=18), "sigmoid", "divisible by 2 \\* context_parallel"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            train_mod._check_context_parallel(recipe, VARIANTS[variant], dist2)
+    with pytest.raises(ValueError, match="must divide the world size"):
+        train_mod._check_context_parallel(RECIPE, VARIANTS["sigmoid"], train_mod.Dist(rank=0, world=3, cp=2))
 
 
 def test_truncate_log_drops_what_the_resumed_run_redoes(tmp_path):
