@@ -1,7 +1,8 @@
 """GPU: correctness of the Gluon forward against float64, then TFLOP/s against cuDNN and the portable kernel.
 
-PYTHONPATH=$PWD python3 bench/gluon_check_bench.py --check     # correctness table (fresh random inputs)
-PYTHONPATH=$PWD python3 bench/gluon_check_bench.py --bench     # timings, B*N = 16k, H*d = 2048
+PYTHONPATH=$PWD python3 bench/gluon_check_bench.py --check all   # correctness table (fresh random inputs)
+PYTHONPATH=$PWD python3 bench/gluon_check_bench.py --bench       # timings, B*N = 16k, H*d = 2048
+(--check grid|persistent and --variants a,b --no-refs split the work into processes, so a hang costs one stage)
 """
 
 from __future__ import annotations
@@ -62,21 +63,34 @@ CASES = [
     (2, 1000, 1000, 4, 4, 128, False, torch.bfloat16, "head", "accurate", True),
     (2, 1000, 1000, 4, 4, 64, True, torch.float16, "head", "fast", True),
     (2, 1000, 1000, 4, 4, 64, True, torch.bfloat16, "head", "accurate", True),
-    # Tuning variants the benchmark times: (block_m, consumers, block_n, stages, regs).
-    (2, 1000, 1000, 4, 4, 128, True, torch.bfloat16, "head", "fast", True, (64, 2, 128, 3, 240)),
-    (2, 1000, 1000, 4, 4, 128, True, torch.bfloat16, "head", "fast", True, (64, 2, 64, 4, 240)),
-    (2, 300, 1000, 8, 2, 64, True, torch.bfloat16, "head", "fast", True, (64, 3, 64, 6, 160)),
-    (2, 1000, 1000, 4, 4, 64, False, torch.bfloat16, "head", "fast", True, (64, 3, 64, 6, 160)),
-    (2, 1000, 1000, 4, 4, 64, True, torch.bfloat16, "head", "fast", True, (64, 2, 128, 4, 240)),
+    # More work items than SMs: each persistent program runs several items (ring/turn/Q/item phases carried over).
+    (1, 4096, 4096, 16, 16, 128, True, torch.bfloat16, "head", "fast", True, dict(schedule="dynamic")),
+    (1, 4096, 4096, 16, 16, 128, False, torch.bfloat16, "head", "fast", False, dict(schedule="dynamic")),
+    (1, 4096, 4096, 32, 32, 64, True, torch.bfloat16, "head", "fast", True, dict(schedule="dynamic")),
+    (1, 4096, 4096, 32, 32, 64, False, torch.bfloat16, "scalar", "fast", True, dict(schedule="dynamic")),
+    (4, 1000, 1000, 32, 8, 64, True, torch.bfloat16, "head", "fast", True, dict(schedule="dynamic")),
+    (4, 3000, 1000, 16, 4, 128, True, torch.bfloat16, "head", "fast", True, dict(schedule="dynamic")),
+    (4, 1000, 1000, 32, 8, 64, True, torch.bfloat16, "head", "accurate", False, dict(schedule="dynamic")),
+    (1, 4096, 4096, 16, 16, 128, True, torch.bfloat16, "head", "fast", True, dict(schedule="static")),
+    (1, 4096, 4096, 32, 32, 64, True, torch.bfloat16, "head", "fast", True, dict(schedule="static")),
+    (4, 3000, 1000, 16, 4, 128, True, torch.bfloat16, "head", "fast", True, dict(schedule="static")),
+    (1, 4096, 4096, 16, 16, 128, True, torch.bfloat16, "head", "fast", True),
+    (1, 4096, 4096, 32, 32, 64, False, torch.bfloat16, "head", "fast", True),
+    # Tuning variants the benchmark times.
+    (1, 4096, 4096, 16, 16, 128, True, torch.bfloat16, "head", "fast", True, dict(config=(64, 2, 64, 4, 240))),
+    (2, 300, 1000, 8, 2, 64, True, torch.bfloat16, "head", "fast", True, dict(config=(64, 3, 64, 6, 160))),
+    (1, 4096, 4096, 32, 32, 64, True, torch.bfloat16, "head", "fast", True, dict(config=(64, 2, 128, 4, 240))),
 ]
 
 
-def check() -> bool:
+def check(which: str) -> bool:
     ok_all = True
     print("b nq nk hq hkv d causal dtype bias sigmoid pp cfg | gluon_rel portable_rel max|gluon-portable| nan ok",
           flush=True)
     for b, nq, nk, hq, hkv, d, causal, dt, bk, impl, pp, *cfg in CASES:
-        cfg = cfg[0] if cfg else None
+        cfg = cfg[0] if cfg else {}
+        if (which == "persistent") != ("schedule" in cfg) and which != "all":
+            continue
         torch.manual_seed(hash((b, nq, nk, d, causal)) % 1000)
         q = torch.randn(b, nq, hq, d, device="cuda", dtype=dt)
         k = torch.randn(b, nk, hkv, d, device="cuda", dtype=dt)
@@ -90,7 +104,7 @@ def check() -> bool:
         scale = d**-0.5
         out = torch.full_like(q, float("nan"))
         t0 = time.time()
-        o = gluon_dense_fwd(q, k, v, bias_arg, scale, causal, impl, pingpong=pp, config=cfg, out=out)
+        o = gluon_dense_fwd(q, k, v, bias_arg, scale, causal, impl, pingpong=pp, out=out, **cfg)
         torch.cuda.synchronize()
         dt_s = time.time() - t0
         ref = ref64(q, k, v, bias, scale, causal)
@@ -99,7 +113,7 @@ def check() -> bool:
         po = sigmoid_attn_func(q, k, v, bias=bias, scale=scale, causal=causal, sigmoid_impl=impl, backend="triton")
         pr = rel(po, ref)
         # A second call on the same inputs must agree bitwise (a moving error is a race).
-        o2 = gluon_dense_fwd(q, k, v, bias_arg, scale, causal, impl, pingpong=pp, config=cfg)
+        o2 = gluon_dense_fwd(q, k, v, bias_arg, scale, causal, impl, pingpong=pp, **cfg)
         diff = (o.float() - po.float()).abs().max().item()
         same = bool(torch.equal(o, o2))
         ok = (not nan) and same and r <= 1.25 * pr + 2e-4
@@ -115,14 +129,14 @@ def bench_ms(fn) -> float:
 
 
 VARIANTS = {
-    128: {"gluon": {}, "nopp": dict(pingpong=False), "st3": dict(config=(64, 2, 128, 3, 240)),
-          "bn64": dict(config=(64, 2, 64, 4, 240))},
-    64: {"gluon": {}, "nopp": dict(pingpong=False), "bn64": dict(config=(64, 3, 64, 6, 160)),
-         "2c": dict(config=(64, 2, 128, 4, 240))},
+    128: {"gluon": {}, "dyn": dict(schedule="dynamic"), "static": dict(schedule="static"),
+          "nopp": dict(pingpong=False)},
+    64: {"gluon": {}, "dyn": dict(schedule="dynamic"), "static": dict(schedule="static"),
+         "nopp": dict(pingpong=False), "bn64": dict(config=(64, 3, 64, 6, 160))},
 }
 
 
-def bench(out_path: str | None) -> None:
+def bench(out_path: str | None, only: list[str] | None, refs: bool) -> None:
     rows = []
     for d in (128, 64):
         for n in (4096, 16384):
@@ -133,31 +147,36 @@ def bench(out_path: str | None) -> None:
                 f = 4 * b * h * n * n * d / (2 if causal else 1)
                 row = {"d": d, "n": n, "causal": causal}
                 for name, kw in VARIANTS[d].items():
+                    if only is not None and name not in only:
+                        continue
                     try:
                         t = bench_ms(lambda kw=kw: gluon_dense_fwd(q, k, v, bias, d**-0.5, causal, "fast", **kw))
                         row[name] = f / t * 1e-9
                     except Exception as exc:  # report and go on
                         print(f"{name} d={d} n={n}: {str(exc)[:200]}", flush=True)
                         row[name] = 0.0
-                t = bench_ms(lambda: sigmoid_attn_func(q, k, v, bias=bias, causal=causal, backend="triton"))
-                row["portable"] = f / t * 1e-9
-                qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                    t = bench_ms(lambda: sdpa(qt, kt, vt, is_causal=causal))
-                row["cudnn"] = f / t * 1e-9
-                # Default config timed again at the end: run-to-run spread of the same kernel.
-                t = bench_ms(lambda: gluon_dense_fwd(q, k, v, bias, d**-0.5, causal, "fast"))
-                row["gluon_again"] = f / t * 1e-9
+                if refs:
+                    t = bench_ms(lambda: sigmoid_attn_func(q, k, v, bias=bias, causal=causal, backend="triton"))
+                    row["portable"] = f / t * 1e-9
+                    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+                    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                        t = bench_ms(lambda: sdpa(qt, kt, vt, is_causal=causal))
+                    row["cudnn"] = f / t * 1e-9
+                    # Default config timed again at the end: run-to-run spread of the same kernel.
+                    t = bench_ms(lambda: gluon_dense_fwd(q, k, v, bias, d**-0.5, causal, "fast"))
+                    row["gluon_again"] = f / t * 1e-9
                 print(json.dumps({k2: (round(x, 1) if isinstance(x, float) else x) for k2, x in row.items()}),
                       flush=True)
                 rows.append(row)
     if out_path:
         with open(out_path, "w") as fh:
             json.dump(rows, fh)
+    if not refs:
+        return
     print("\n| d | N | causal | gluon (again) | variants | portable | cuDNN | gluon/cuDNN | gluon/portable |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        var = " ".join(f"{k2}={r[k2]:.0f}" for k2 in VARIANTS[r["d"]] if k2 != "gluon")
+        var = " ".join(f"{k2}={r[k2]:.0f}" for k2 in VARIANTS[r["d"]] if k2 != "gluon" and k2 in r)
         print(f"| {r['d']} | {r['n']} | {'T' if r['causal'] else 'F'} | {r['gluon']:.0f} ({r['gluon_again']:.0f}) | "
               f"{var} | {r['portable']:.0f} | {r['cudnn']:.0f} | {r['gluon'] / r['cudnn']:.2f} | "
               f"{r['gluon'] / r['portable']:.2f} |")
@@ -165,18 +184,22 @@ def bench(out_path: str | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--check", choices=["all", "grid", "persistent"])
     ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--variants", help="comma-separated subset of VARIANTS names")
+    ap.add_argument("--no-refs", action="store_true", help="skip the portable kernel and cuDNN")
     ap.add_argument("--json")
     a = ap.parse_args()
     p = torch.cuda.get_device_properties(0)
     print(f"{p.name} | torch {torch.__version__} | triton {triton.__version__} | cuDNN "
           f"{torch.backends.cudnn.version()}", flush=True)
     rc = 0
-    if a.check and not check():
+    if a.check and not check(a.check):
         rc = 1
     if a.bench:
-        bench(a.json or (os.path.join(os.environ["OUT"], "bench.json") if "OUT" in os.environ else None))
+        tag = a.variants.replace(",", "_") if a.variants else "all"
+        bench(a.json or (os.path.join(os.environ["OUT"], f"bench_{tag}.json") if "OUT" in os.environ else None),
+              a.variants.split(",") if a.variants else None, not a.no_refs)
     sys.exit(rc)
 
 

@@ -18,16 +18,17 @@ from triton.runtime.jit import mangle_type
 from sigattn.ops import gluon_forward as gf
 
 
-def compile_fwd(d: int, causal: bool, pingpong: bool, mode: int = 1, config: tuple | None = None):
+def compile_fwd(d: int, causal: bool, pingpong: bool, mode: int = 1, config: tuple | None = None,
+                dynamic: bool = False):
     block_m, consumers, block_n, stages, regs = config or gf.GLUON_CONFIGS[d]
     b, n, h = 2, 256, 2048 // d
     t = torch.empty(b, n, h, d, dtype=torch.bfloat16)
     fn = gf._sigmoid_attn_fwd_gluon_kernel
     args = dict(q_desc=gf._rank3_desc(t, block_m), k_desc=gf._rank3_desc(t, block_n),
                 v_desc=gf._rank3_desc(t, block_n), o_desc=gf._rank3_desc(t, block_m),
-                Bias=torch.empty(h, dtype=torch.float32), nheads_q=h, group=1, seqlen_q=n, seqlen_k=n,
-                qk_mul=0.5, zf=0.5)
-    consts = dict(IS_CAUSAL=causal, SIGMOID=mode, PINGPONG=pingpong, NUM_CONSUMERS=consumers, HEAD_DIM=d,
+                Bias=torch.empty(h, dtype=torch.float32), Counter=torch.empty(1, dtype=torch.int32), nheads_q=h, group=1, seqlen_q=n, seqlen_k=n,
+                n_items=64, qk_mul=0.5, zf=0.5)
+    consts = dict(IS_CAUSAL=causal, DYNAMIC=dynamic, SIGMOID=mode, PINGPONG=pingpong, NUM_CONSUMERS=consumers, HEAD_DIM=d,
                   BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs)
     sig = {}
     for name in fn.arg_names:
@@ -68,11 +69,12 @@ def main() -> None:
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--no-pingpong", action="store_true")
     ap.add_argument("--accurate", action="store_true")
+    ap.add_argument("--dynamic", action="store_true")
     ap.add_argument("--dump")
     a = ap.parse_args()
     for d in a.d:
-        tag = f"d{d}{'_causal' if a.causal else ''}{'' if not a.no_pingpong else '_nopp'}"
-        k = compile_fwd(d, a.causal, not a.no_pingpong, 0 if a.accurate else 1)
+        tag = f"d{d}{'_causal' if a.causal else ''}{'' if not a.no_pingpong else '_nopp'}{'_dyn' if a.dynamic else ''}"
+        k = compile_fwd(d, a.causal, not a.no_pingpong, 0 if a.accurate else 1, dynamic=a.dynamic)
         print(report(k, a.dump, tag))
 
 
