@@ -25,7 +25,8 @@ from sigattn.ops.primitives import LOG2E
 # = 160 of 160 with three consumers (ptxas serializes every wgmma, C7512, when a change pushes it over).
 # Shared memory: d=128 Q 32 KB + O 32 KB + 2 stages x (K 32 KB + V 32 KB) = 192 KB; d=64 Q 24 + O 24 + 4 x 32 =
 # 176 KB. Measured alternatives (bench/NOTES.md, v6): d=128 3 stages -7..+3% without the O buffer (no room with it),
-# BLOCK_N=64 -1..-12%; d=64 BLOCK_N=64 -3..0%, two consumers (240 regs) -11..+4%.
+# BLOCK_N=64 -1..-12%; d=64 BLOCK_N=64 -3..0%, two consumers (240 regs) -11..+4%. Schedules: "grid" (default)
+# vs persistent "dynamic" / "static": +5..8% at N=4k causal, -8..-24% at 16k causal, level otherwise.
 GLUON_CONFIGS: dict[int, tuple[int, int, int, int, int]] = {
     64: (64, 3, 128, 4, 160),
     128: (64, 2, 128, 2, 240),
