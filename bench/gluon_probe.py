@@ -1,0 +1,82 @@
+"""CPU-only: compile the Gluon forward for sm_90 and report registers, spills, shared memory and SASS op counts.
+
+PYTHONPATH=$PWD python3 bench/gluon_probe.py [--d 64 128] [--causal] [--no-pingpong] [--dump DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
+
+from sigattn.ops import gluon_forward as gf
+
+
+def compile_fwd(d: int, causal: bool, pingpong: bool, mode: int = 1, config: tuple | None = None,
+                dynamic: bool = False):
+    block_m, consumers, block_n, stages, regs = config or gf.GLUON_CONFIGS[d]
+    b, n, h = 2, 256, 2048 // d
+    t = torch.empty(b, n, h, d, dtype=torch.bfloat16)
+    fn = gf._sigmoid_attn_fwd_gluon_kernel
+    args = dict(q_desc=gf._rank3_desc(t, block_m), k_desc=gf._rank3_desc(t, block_n),
+                v_desc=gf._rank3_desc(t, block_n), o_desc=gf._rank3_desc(t, block_m),
+                Bias=torch.empty(h, dtype=torch.float32), Counter=torch.empty(1, dtype=torch.int32), nheads_q=h, group=1, seqlen_q=n, seqlen_k=n,
+                n_items=64, qk_mul=0.5, zf=0.5)
+    consts = dict(IS_CAUSAL=causal, DYNAMIC=dynamic, SIGMOID=mode, PINGPONG=pingpong, NUM_CONSUMERS=consumers, HEAD_DIM=d,
+                  BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs)
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        else:
+            v = args[name]
+            sig[name] = "fp32" if isinstance(v, float) else "i32" if isinstance(v, int) else mangle_type(v)
+    nwarps = 4 * consumers + 4
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "maxnreg": (65536 // (32 * nwarps)) // 8 * 8})
+
+
+def report(k, dump: str | None, tag: str) -> str:
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gluon_probe_{tag}.cubin")
+    with open(path, "wb") as fh:
+        fh.write(k.asm["cubin"])
+    res = subprocess.run([f"{bin_dir}/cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
+    regs = " ".join(w for line in res.splitlines() if "REG" in line for w in line.split() if w[:4] in ("REG:", "STAC"))
+    sass = subprocess.run([f"{bin_dir}/cuobjdump", "-sass", path], capture_output=True, text=True).stdout
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        for ext in ("ttgir", "ptx"):
+            with open(os.path.join(dump, f"{tag}.{ext}"), "w") as fh:
+                fh.write(k.asm[ext])
+        with open(os.path.join(dump, f"{tag}.sass"), "w") as fh:
+            fh.write(sass)
+    ops = {op: sass.count(op) for op in ("HGMMA", "MUFU.TANH", "MUFU.EX2", "STL", "LDL", "STS", "LDS", "BAR.SYNC",
+                                         "SHFL", "SETMAXNREG", "UTMALDG", "UTMASTG", "SYNCS")}
+    return f"{tag}: smem={k.metadata.shared} {regs} {ops}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--no-pingpong", action="store_true")
+    ap.add_argument("--accurate", action="store_true")
+    ap.add_argument("--dynamic", action="store_true")
+    ap.add_argument("--dump")
+    a = ap.parse_args()
+    for d in a.d:
+        tag = f"d{d}{'_causal' if a.causal else ''}{'' if not a.no_pingpong else '_nopp'}{'_dyn' if a.dynamic else ''}"
+        k = compile_fwd(d, a.causal, not a.no_pingpong, 0 if a.accurate else 1, dynamic=a.dynamic)
+        print(report(k, a.dump, tag))
+
+
+if __name__ == "__main__":
+    main()
