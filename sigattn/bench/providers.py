@@ -128,15 +128,27 @@ def _sigattn_check(backend: str) -> Check:
     return check
 
 
-def _sigattn_builder(backend: str, sigmoid_impl: str | None) -> Builder:
+def _sigattn_builder(backend: str, sigmoid_impl: str | None, gluon: bool = True) -> Builder:
     def build(shape: Shape, dtype: torch.dtype, device: torch.device, mode: str) -> BuildResult:
         import sigattn
+        from sigattn.ops import configs
 
         q, k, v = make_inputs(shape, dtype, device, "bnhd", _needs_grad(mode))
         kwargs: dict[str, Any] = {"causal": shape.causal, "backend": backend}
         if sigmoid_impl is not None:
             kwargs["sigmoid_impl"] = sigmoid_impl
-        return with_mode(lambda: sigattn.sigmoid_attn_func(q, k, v, **kwargs), (q, k, v), mode)
+
+        def call() -> torch.Tensor:
+            if gluon:
+                return sigattn.sigmoid_attn_func(q, k, v, **kwargs)
+            was = configs.gluon_forward_enabled()
+            configs.set_gluon_forward(False)
+            try:
+                return sigattn.sigmoid_attn_func(q, k, v, **kwargs)
+            finally:
+                configs.set_gluon_forward(was)
+
+        return with_mode(call, (q, k, v), mode)
 
     return build
 
@@ -219,6 +231,13 @@ PROVIDERS: dict[str, Provider] = {
             _sigattn_builder("triton", None),
             "sigmoid",
             description="sigattn Triton kernels, sigmoid_impl='fast'",
+            check=_sigattn_check("triton"),
+        ),
+        Provider(
+            "sigattn-triton-portable",
+            _sigattn_builder("triton", None, gluon=False),
+            "sigmoid",
+            description="sigattn portable Triton kernels only (no Gluon forward), sigmoid_impl='fast'",
             check=_sigattn_check("triton"),
         ),
         Provider(

@@ -190,3 +190,23 @@ _autotuned: dict[tuple[str, int, torch.dtype, bool], AttnConfig] = {}
 def set_forward_config(head_dim: int, dtype: torch.dtype, causal: bool, config: AttnConfig) -> None:
     """Pin the forward config used for (head_dim, dtype, causal) on CUDA, overriding the defaults."""
     _autotuned[("fwd", head_dim, dtype, causal)] = config
+
+
+# The Gluon forward (sigattn/ops/gluon_forward.py: warp-specialized TMA producer + ping-pong wgmma consumers) serves
+# sm_90, bf16/fp16, head dims 64/128, no window/ALiBi, default configs; measured 1.16-1.24x cuDNN at d=128
+# (bench/NOTES.md, v6). Its output is bitwise equal to the portable kernel's, so the backward is unchanged.
+# SIGATTN_GLUON=0 (or set_gluon_forward(False)) keeps every forward on the portable Triton kernel.
+_gluon_forward = os.environ.get("SIGATTN_GLUON", "1") != "0"
+
+
+def gluon_forward_enabled() -> bool:
+    """Whether dense forwards the Gluon kernel supports go to it."""
+    return _gluon_forward
+
+
+def set_gluon_forward(enabled: bool) -> None:
+    """Route supported dense forwards to the Gluon kernel (True, the default) or keep the portable kernel."""
+    global _gluon_forward
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool; got {type(enabled).__name__}")
+    _gluon_forward = enabled

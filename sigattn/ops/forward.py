@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sigattn.ops.configs import AttnConfig, forward_config, interpreting
+from sigattn.ops.configs import AttnConfig, forward_config, gluon_forward_enabled, interpreting
 from sigattn.ops.primitives import (
     SIGMOID_ACCURATE,
     SIGMOID_FAST_ASM,
@@ -368,9 +368,24 @@ def sigmoid_attn_fwd(
     use_tma: bool | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel. q (B, Nq, Hq, D), k/v (B, Nk, Hkv, D), bias fp32 (Hq,),
-    alibi_slopes fp32 (B, Hq) or None. Returns o (B, Nq, Hq, D) in q's dtype."""
+    alibi_slopes fp32 (B, Hq) or None. Returns o (B, Nq, Hq, D) in q's dtype.
+
+    On sm_90 the Gluon kernel (gluon_forward.py) serves what it supports (bf16/fp16, D 64/128, packed heads, no
+    window or ALiBi) unless a config or TMA choice is forced or configs.set_gluon_forward(False)."""
+    if (config is None and use_tma is None and alibi_slopes is None and window_left < 0
+            and (window_right < 0 or causal) and _gluon_ready(q)):
+        from sigattn.ops.gluon_forward import gluon_dense_fwd, gluon_supports
+
+        if gluon_supports(q, k, v) is None:
+            return gluon_dense_fwd(q, k, v, bias, scale, causal, sigmoid_impl)
     return _launch_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl,
                        config, use_tma, None)
+
+
+def _gluon_ready(q: torch.Tensor) -> bool:
+    """Cheap pre-checks before importing the Gluon module (GPU-only; never under the interpreter)."""
+    return (q.is_cuda and gluon_forward_enabled() and not interpreting() and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in (64, 128))
 
 
 def sigmoid_attn_varlen_fwd(

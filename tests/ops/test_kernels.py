@@ -210,10 +210,11 @@ def test_block_major_grid_order_same_result(deterministic, device):
         torch.testing.assert_close(x, y, rtol=0, atol=0 if deterministic else 1e-5)
 
 
-def poisoned_neighbour_check(q, k, v, do, poison_rows, clean_rows, fwd, bwd):
+def poisoned_neighbour_check(q, k, v, do, poison_rows, clean_rows, fwd, bwd, exact_dq=True):
     """Plant +inf/NaN in poison_rows = (q-side index, k-side index), one tensor of q, k, v, dO at a time: outputs
     and gradients at clean_rows = (q-side, k-side) must be unchanged (bitwise), so no 0 * inf from a boundary
-    tile reaches another sequence."""
+    tile reaches another sequence. exact_dq=False (the atomic dQ form, whose float adds land in any order): dQ
+    must stay finite and within rounding instead of bitwise."""
     clean = [fwd(q, k, v)] + list(bwd(do, q, k, v)[:3])
     for i in range(4):
         args = [t.clone() for t in (q, k, v, do)]
@@ -225,6 +226,10 @@ def poisoned_neighbour_check(q, k, v, do, poison_rows, clean_rows, fwd, bwd):
         got = [fwd(*args[:3])] + list(bwd(args[3], *args[:3])[:3])
         for name, x, y in zip(("out", "dq", "dk", "dv"), got, clean):
             rows = clean_rows[0] if name in ("out", "dq") else clean_rows[1]
+            if name == "dq" and not exact_dq:
+                assert torch.isfinite(x[rows]).all(), f"{'qkvd'[i]} poisoned -> {name} not finite"
+                torch.testing.assert_close(x[rows], y[rows], rtol=2e-2, atol=2e-2 * y[rows].abs().max().item())
+                continue
             assert torch.equal(x[rows], y[rows]), f"{'qkvd'[i]} poisoned -> {name} changed"
 
 
@@ -264,7 +269,7 @@ def test_gpu_nonfinite_next_batch_does_not_leak(d, deterministic, device):
     def bwd(do_, q_, k_, v_):
         return sigmoid_attn_bwd(do_, q_, k_, v_, *args[:-1], deterministic, "fast", fused_dq=not deterministic)
 
-    poisoned_neighbour_check(q, k, v, do, ((1, slice(0, 40)),) * 2, ((0,), (0,)), fwd, bwd)
+    poisoned_neighbour_check(q, k, v, do, ((1, slice(0, 40)),) * 2, ((0,), (0,)), fwd, bwd, exact_dq=deterministic)
 
 
 @pytest.mark.gpu
