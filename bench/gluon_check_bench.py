@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from sigattn import sigmoid_attn_func
+
 try:
     from sigattn.ops.gluon_forward import gluon_dense_fwd
 except ImportError:  # run from a copy beside a checkout that lacks the module

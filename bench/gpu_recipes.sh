@@ -10,7 +10,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
+OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT" runs
 DEADLINE="${DEADLINE:-540}"
 pids=()
 for job in ${JOBS:?set JOBS=\"task:v1,v2 ...\"}; do
@@ -19,7 +19,7 @@ for job in ${JOBS:?set JOBS=\"task:v1,v2 ...\"}; do
     for v in "${vs[@]}"; do
         timeout --signal=INT --kill-after=15 "$((DEADLINE - SECONDS))" \
             python -m sigattn.recipes.cli "$task" --size "${SIZE:-gpu}" --variants "$v" --out "runs/$task-${SIZE:-gpu}" --threads 2 \
-            --no-progress ${!steps_var:+--steps ${!steps_var}} ${!args_var:-} > "$OUT/$task-$v.log" 2>&1 &
+            --no-progress ${!steps_var:+--steps ${!steps_var}} ${!args_var:-} > "runs/$task-${SIZE:-gpu}-$v.log" 2>&1 &
         pids+=($!)
         echo "started $task $v (pid $!)"
     done
@@ -32,6 +32,8 @@ for job in $JOBS; do
         ${!steps_var:+--steps ${!steps_var}} > "$OUT/$task-report.txt" 2>&1
     cat "$OUT/$task-report.txt"
     cp "runs/$task-${SIZE:-gpu}/curves.png" "$OUT/$task-curves.png" 2>/dev/null
-    tar czf "$OUT/$task-logs.tgz" runs/$task-${SIZE:-gpu}/*/log.jsonl runs/$task-${SIZE:-gpu}/*/summary.json runs/$task-${SIZE:-gpu}/results.* 2>/dev/null
-    for f in "$OUT"/$task-*.log; do echo "-- $f"; tail -n 3 "$f"; done
+    # The device tool returns only a few files from $OUT: three per task (report, curves, one tarball).
+    tar czf "$OUT/$task-logs.tgz" runs/$task-${SIZE:-gpu}/*/log.jsonl runs/$task-${SIZE:-gpu}/*/summary.json \
+        runs/$task-${SIZE:-gpu}/results.* runs/$task-${SIZE:-gpu}-*.log 2>/dev/null
+    for f in runs/$task-${SIZE:-gpu}-*.log; do echo "-- $f"; tail -n 3 "$f"; done
 done

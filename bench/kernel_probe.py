@@ -343,7 +343,8 @@ def ptxas_report(kernel: str, d: int, cfg: tuple[int, ...], fused: bool = False,
         fn, consts = _sigmoid_attn_fwd_kernel, dict(common, PIPELINE_QK=bool(cfg[4:5] and cfg[4]))
         ptrs = {"Q": desc(bm) if tma else ptr, "K": desc(bn) if tma else ptr, "V": desc(bn) if tma else ptr}
     elif kernel == "dkdv":
-        fn, consts = _sigmoid_attn_bwd_dkdv_kernel, dict(common, FUSED_DQ=fused, NEED_DBIAS=os.environ.get("PROBE_DBIAS") == "1")
+        dbias = os.environ.get("PROBE_DBIAS") == "1"  # PROBE_DBIAS=1: the per-head bias gradient form
+        fn, consts = _sigmoid_attn_bwd_dkdv_kernel, dict(common, FUSED_DQ=fused, NEED_DBIAS=dbias)
         ptrs = {"Q": desc(bm) if tma else ptr, "DO": desc(bm) if tma else ptr,
                 "DQ": desc(bm, "fp32") if tma and fused else "*fp32", "DBiasPart": "*fp32"}
     else:

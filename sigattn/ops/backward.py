@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sigattn.ops.configs import AttnConfig, backward_configs, use_fused_dq
+from sigattn.ops.configs import AttnConfig, backward_configs, launch_fitting, use_fused_dq
 from sigattn.ops.forward import (
     Varlen,
     batch_stride,
@@ -573,7 +573,8 @@ def _launch_bwd(
     tma_kv = all(x is not None for x in descs)
     qa, doa = descs[:2] if tma_kv else (q, do)
     dqa = descs[2] if tma_kv and fused else dq
-    _sigmoid_attn_bwd_dkdv_kernel[(n_kblocks * batch * nheads_kv,)](
+    launch_fitting(
+        _sigmoid_attn_bwd_dkdv_kernel, (n_kblocks * batch * nheads_kv,),
         qa, k, v, doa, dk, dv, dqa, dbias_part, bias, slopes, cu_q, cu_k,
         batch_stride(q, varlen), q.stride(1), q.stride(2),
         batch_stride(k, varlen), k.stride(1), k.stride(2),
@@ -593,7 +594,8 @@ def _launch_bwd(
         descs = [tma_view(k, cfg_q.block_n), tma_view(v, cfg_q.block_n)] if use_tma else [None]
         tma_q = all(x is not None for x in descs)
         ka, va = descs if tma_q else (k, v)
-        _sigmoid_attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, cfg_q.block_m) * batch * nheads_q,)](
+        launch_fitting(
+            _sigmoid_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, cfg_q.block_m) * batch * nheads_q,),
             q, ka, va, do, dq, bias, slopes, cu_q, cu_k,
             batch_stride(q, varlen), q.stride(1), q.stride(2),
             batch_stride(k, varlen), k.stride(1), k.stride(2),

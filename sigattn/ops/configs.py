@@ -193,8 +193,9 @@ def set_forward_config(head_dim: int, dtype: torch.dtype, causal: bool, config: 
 
 
 # The Gluon forward (sigattn/ops/gluon_forward.py: warp-specialized TMA producer + ping-pong wgmma consumers) serves
-# sm_90, bf16/fp16, head dims 64/128, no window/ALiBi, default configs; measured 1.16-1.24x cuDNN at d=128
-# (bench/NOTES.md, v6). Its output is bitwise equal to the portable kernel's, so the backward is unchanged.
+# sm_90, bf16/fp16, head dim 128 (dispatch; 64 when called directly), no window/ALiBi, default configs;
+# 1.16-1.24x cuDNN at d=128 (bench/NOTES.md, v6). Its output is bitwise equal to the portable kernel's, so the
+# backward is unchanged.
 # SIGATTN_GLUON=0 (or set_gluon_forward(False)) keeps every forward on the portable Triton kernel.
 _gluon_forward = os.environ.get("SIGATTN_GLUON", "1") != "0"
 
@@ -210,3 +211,20 @@ def set_gluon_forward(enabled: bool) -> None:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool; got {type(enabled).__name__}")
     _gluon_forward = enabled
+
+
+def launch_fitting(kernel, grid: tuple[int, ...], *args, num_stages: int, **kwargs) -> None:
+    """kernel[grid](*args, num_stages=num_stages, **kwargs), retried with one pipeline stage fewer each time Triton
+    reports that the compiled kernel needs more shared memory than the GPU has. Argument specializations (strides
+    divisible by 16, values equal to 1) can pipeline more loads than the measured configs saw: a bf16 d=64 GQA
+    backward with a per-head bias gradient asked for 262 KB of the 227 KB on an H200. Triton raises before the
+    launch, so nothing was written."""
+    from triton.runtime.errors import OutOfResources
+
+    for stages in range(num_stages, 0, -1):
+        try:
+            kernel[grid](*args, num_stages=stages, **kwargs)
+            return
+        except OutOfResources:
+            if stages == 1:
+                raise

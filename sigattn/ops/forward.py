@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sigattn.ops.configs import AttnConfig, forward_config, gluon_forward_enabled, interpreting
+from sigattn.ops.configs import AttnConfig, forward_config, gluon_forward_enabled, interpreting, launch_fitting
 from sigattn.ops.primitives import (
     SIGMOID_ACCURATE,
     SIGMOID_FAST_ASM,
@@ -383,9 +383,12 @@ def sigmoid_attn_fwd(
 
 
 def _gluon_ready(q: torch.Tensor) -> bool:
-    """Cheap pre-checks before importing the Gluon module (GPU-only; never under the interpreter)."""
+    """Cheap pre-checks before importing the Gluon module (GPU-only; never under the interpreter). Head dim 128
+    only: there the Gluon kernel ran 1.18-1.40x the portable one (bench/NOTES.md, v6 runs 1-3); at 64 it was level
+    with it (0.91-1.16x, causal N=4k slower), so d=64 keeps the portable kernel (gluon_dense_fwd serves it when
+    called directly)."""
     return (q.is_cuda and gluon_forward_enabled() and not interpreting() and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in (64, 128))
+            and q.shape[-1] == 128)
 
 
 def sigmoid_attn_varlen_fwd(
@@ -450,7 +453,8 @@ def _launch_fwd(
     descs = [tma_view(q, cfg.block_m), tma_view(k, cfg.block_n), tma_view(v, cfg.block_n)] if use_tma else [None]
     use_tma = all(x is not None for x in descs)
     qa, ka, va = descs if use_tma else (q, k, v)
-    _sigmoid_attn_fwd_kernel[grid](
+    launch_fitting(
+        _sigmoid_attn_fwd_kernel, grid,
         qa, ka, va, o, bias, slopes, cu_q, cu_k,
         batch_stride(q, varlen), q.stride(1), q.stride(2),
         batch_stride(k, varlen), k.stride(1), k.stride(2),

@@ -39,6 +39,21 @@ def test_train_lm_smoke(tmp_path, capsys):
     assert "Δ val loss vs softmax" in capsys.readouterr().out
 
 
+def test_report_only_combines_separate_runs(tmp_path, capsys):
+    """Variants trained by separate processes (bench/gpu_recipes.sh): --report-only writes one table of all."""
+    for v in ("softmax", "sigmoid"):
+        assert cli.main(_parse(["lm", "--variants", v, "--steps", "2", "--batch-size", "8", "--out", str(tmp_path),
+                                "--no-progress"])) == 0
+    (tmp_path / "results.md").unlink()
+    capsys.readouterr()
+    assert cli.main(_parse(["lm", "--variants", "all", "--steps", "2", "--out", str(tmp_path), "--report-only"])) == 0
+    results = _check_outputs(tmp_path, ["softmax", "sigmoid"])
+    assert [r["last_step"] for r in results] == [2, 2]
+    assert "| sigmoid |" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="report-only"):
+        cli.main(_parse(["lm", "--variants", "sigmoid-b0", "--out", str(tmp_path), "--report-only"]))
+
+
 def test_train_vit_smoke(tmp_path, capsys):
     data_dir = fake_fashion_mnist(tmp_path / "fashion")
     args = _parse(["vit", "--variants", "sigmoid", "sigmoid-alibi", "--steps", "3", "--batch-size", "16",
