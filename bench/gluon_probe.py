@@ -1,6 +1,8 @@
-"""CPU-only: compile the Gluon forward for sm_90 and report registers, spills, shared memory and SASS op counts.
+"""CPU-only: compile the Gluon forward (or backward, --bwd) for sm_90 and report registers, spills, shared memory
+and SASS op counts (and ptxas's C7512 "wgmma serialized" warning, which shows up as WARPGROUP.DEPBAR after each HGMMA).
 
 PYTHONPATH=$PWD python3 bench/gluon_probe.py [--d 64 128] [--causal] [--no-pingpong] [--dump DIR]
+PYTHONPATH=$PWD python3 bench/gluon_probe.py --bwd [--d 64 128] [--causal] [--accurate] [--dbias]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 
+from sigattn.ops import gluon_backward as gb
 from sigattn.ops import gluon_forward as gf
 
 
@@ -43,6 +46,37 @@ def compile_fwd(d: int, causal: bool, pingpong: bool, mode: int = 1, config: tup
                           options={"num_warps": 4, "maxnreg": (65536 // (32 * nwarps)) // 8 * 8})
 
 
+def compile_bwd(d: int, causal: bool, mode: int = 1, dbias: bool = False, config: tuple | None = None):
+    block_m, stages, split_d, regs = config or gb.GLUON_BWD_CONFIGS[d]
+    b, n, h = 2, 256, 2048 // d
+    t = torch.empty(b, n, h, d, dtype=torch.bfloat16)
+    acc = torch.empty(b, n, h, d, dtype=torch.float32)
+    dq_m = block_m if split_d else block_m // 2
+    fn = gb._sigmoid_attn_bwd_gluon_kernel
+    kv_rows = gb.NUM_CONSUMERS * gb.BLOCK_N
+    args = dict(q_desc=gb._rank3_desc(t, block_m, d), do_desc=gb._rank3_desc(t, block_m, d),
+                k_desc=gb._rank3_desc(t, kv_rows, d), v_desc=gb._rank3_desc(t, kv_rows, d),
+                dq_desc=gb._rank3_desc(acc, dq_m, gb.DQ_CHUNK), DK=t, DV=t, DBiasPart=acc, Bias=acc,
+                stride_kb=n * h * d, stride_kn=h * d, nheads_kv=h, group=1, seqlen_q=n, seqlen_k=n, qk_mul=0.5,
+                zf=0.5, scale=0.1)
+    consts = dict(IS_CAUSAL=causal, SIGMOID=mode, NEED_DBIAS=dbias, SPLIT_D=split_d, HEAD_DIM=d, BLOCK_M=block_m,
+                  BLOCK_N=gb.BLOCK_N, STAGES=stages, CONSUMER_REGS=regs)
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        else:
+            v = args[name]
+            sig[name] = "fp32" if isinstance(v, float) else "i32" if isinstance(v, int) else mangle_type(v)
+    nwarps = 4 * gb.NUM_CONSUMERS + 4
+    # Pointers 16-byte aligned and strides multiples of 16, as real launches specialise (bench/NOTES.md caveat).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if name in ("DK", "DV", "stride_kb", "stride_kn")}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "maxnreg": (65536 // (32 * nwarps)) // 8 * 8})
+
+
 def report(k, dump: str | None, tag: str) -> str:
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gluon_probe_{tag}.cubin")
@@ -59,7 +93,8 @@ def report(k, dump: str | None, tag: str) -> str:
         with open(os.path.join(dump, f"{tag}.sass"), "w") as fh:
             fh.write(sass)
     ops = {op: sass.count(op) for op in ("HGMMA", "MUFU.TANH", "MUFU.EX2", "STL", "LDL", "STS", "LDS", "BAR.SYNC",
-                                         "SHFL", "SETMAXNREG", "UTMALDG", "UTMASTG", "SYNCS")}
+                                         "SHFL", "SETMAXNREG", "UTMALDG", "UTMASTG", "UTMAREDG", "SYNCS",
+                                         "WARPGROUP.DEPBAR")}
     return f"{tag}: smem={k.metadata.shared} {regs} {ops}"
 
 
@@ -70,8 +105,21 @@ def main() -> None:
     ap.add_argument("--no-pingpong", action="store_true")
     ap.add_argument("--accurate", action="store_true")
     ap.add_argument("--dynamic", action="store_true")
+    ap.add_argument("--bwd", action="store_true", help="the backward kernel (gluon_backward.py)")
+    ap.add_argument("--dbias", action="store_true", help="backward with NEED_DBIAS")
+    ap.add_argument("--config", help="backward config block_m,stages,split_d(0/1),regs")
     ap.add_argument("--dump")
     a = ap.parse_args()
+    if a.bwd:
+        for d in a.d:
+            cfg = None
+            if a.config:
+                bm, stg, sd, rg = (int(x) for x in a.config.split(","))
+                cfg = (bm, stg, bool(sd), rg)
+            tag = f"bwd_d{d}{'_causal' if a.causal else ''}{'_acc' if a.accurate else ''}{'_dbias' if a.dbias else ''}"
+            k = compile_bwd(d, a.causal, 0 if a.accurate else 1, a.dbias, cfg)
+            print(report(k, a.dump, tag))
+        return
     for d in a.d:
         tag = f"d{d}{'_causal' if a.causal else ''}{'' if not a.no_pingpong else '_nopp'}{'_dyn' if a.dynamic else ''}"
         k = compile_fwd(d, a.causal, not a.no_pingpong, 0 if a.accurate else 1, dynamic=a.dynamic)
