@@ -1,7 +1,8 @@
 """GPU-only probe of the attention kernels: sigmoid error figures, config sweeps, speed vs SDPA (flash, cuDNN).
 
 Run on an H100/H200: PYTHONPATH=$PWD python3 bench/kernel_probe.py [--sweep] [--quick] [--out DIR]
-On any machine (no GPU): ... kernel_probe.py --ptxas fwd:128:128,64,4,2 dkdv:128:64,128,8,3:fused
+On any machine (no GPU): ... kernel_probe.py --ptxas fwd:128:128,64,4,2 dkdv:128:64,128,8,3:fused [--dtype float32]
+(compiled as a launch compiles them: sigattn.bench.launch_compile)
 FLOPs = 4*B*H*N^2*d (halved for causal, x2.5 for the backward); medians from triton.testing.do_bench.
 """
 
@@ -319,53 +320,33 @@ def causal_experiments(ns: list[int], ds: list[int], impl: str) -> list[str]:
 
 
 def ptxas_report(kernel: str, d: int, cfg: tuple[int, ...], fused: bool = False, tma: bool = True,
-                 varlen: bool = False, wide: bool = False) -> str:
+                 varlen: bool = False, wide: bool = False, dtype: str = "bfloat16",
+                 shape: tuple[int, int, int, int] = (2, 4096, 16, 16)) -> str:
     """Registers / spill bytes / shared memory / SASS op counts of one kernel compiled for sm_90 on this machine
-    (no GPU needed: Triton ships ptxas and cuobjdump). kernel: "fwd", "dkdv" or "dq"; bf16, fast sigmoid;
-    varlen: the packed-sequence form (VARLEN=True); wide: int64 pointer-tile offsets (WIDE_OFFS=True)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from sigattn.ops.backward import _sigmoid_attn_bwd_dkdv_kernel, _sigmoid_attn_bwd_dq_kernel
-    from sigattn.ops.forward import _sigmoid_attn_fwd_kernel
+    (no GPU needed: Triton ships ptxas and cuobjdump). kernel: "fwd", "dkdv" or "dq"; fast sigmoid; varlen: the
+    packed-sequence form; wide: int64 pointer-tile offsets (WIDE_OFFS=True forced). The kernel is compiled as a
+    launch of shape (B, N, Hq, Hkv) compiles it (sigattn.bench.launch_compile: the launcher's own arguments, Triton's
+    ==1 / divisible-by-16 specialization), so the reading is the launch's; PROBE_DBIAS=1: the per-head bias gradient
+    form. A TMA request the launcher refuses (e.g. padded d > 128) reports the pointer path, as the launch runs."""
+    from sigattn.bench.launch_compile import DTYPES, backward_launches, forward_launches
+    from sigattn.ops.configs import sm90_backward_configs
 
     bm, bn, warps, stages = cfg[:4]
-    bd = triton.next_power_of_2(d)
-
-    def desc(rows: int, t: str = "bf16") -> str:
-        return f"tensordesc<{t}[1, {rows}, {d}]>" if bd == d else f"tensordesc<{t}[1, {rows}, 1, {bd}]>"
-
-    common = dict(HAS_ALIBI=False, SIGMOID=1, HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn,
-                  DOT_PRECISION="ieee", USE_TMA=tma, BLOCK_MAJOR=False, VARLEN=varlen,
-                  WIDE_OFFS=wide)
-    ptr = "*bf16"
+    acfg = AttnConfig(bm, bn, warps, stages, pipeline_qk=bool(cfg[4:5] and cfg[4]))
+    b, n, hq, hkv = shape
+    dt = DTYPES[dtype]
+    over = {"WIDE_OFFS": True} if wide else None
     if kernel == "fwd":
-        fn, consts = _sigmoid_attn_fwd_kernel, dict(common, PIPELINE_QK=bool(cfg[4:5] and cfg[4]))
-        ptrs = {"Q": desc(bm) if tma else ptr, "K": desc(bn) if tma else ptr, "V": desc(bn) if tma else ptr}
-    elif kernel == "dkdv":
-        dbias = os.environ.get("PROBE_DBIAS") == "1"  # PROBE_DBIAS=1: the per-head bias gradient form
-        fn, consts = _sigmoid_attn_bwd_dkdv_kernel, dict(common, FUSED_DQ=fused, NEED_DBIAS=dbias)
-        ptrs = {"Q": desc(bm) if tma else ptr, "DO": desc(bm) if tma else ptr,
-                "DQ": desc(bm, "fp32") if tma and fused else "*fp32", "DBiasPart": "*fp32"}
+        launches = forward_launches(b, n, hq, hkv, d, dt, config=acfg, use_tma=tma, varlen=varlen,
+                                    constexpr_overrides=over)
     else:
-        fn, consts = _sigmoid_attn_bwd_dq_kernel, dict(common)
-        ptrs = {"K": desc(bn) if tma else ptr, "V": desc(bn) if tma else ptr}
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name in ptrs:
-            sig[name] = ptrs[name]
-        elif name in ("Bias", "Slopes"):
-            sig[name] = "*fp32"
-        elif name in ("CuSeqQ", "CuSeqK"):
-            sig[name] = "*i32"
-        elif name[0].isupper():
-            sig[name] = ptr
-        else:
-            sig[name] = "fp32" if name in ("scale", "zf") else "i32"
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps, "num_stages": stages})
+        kv_cfg, q_cfg = sm90_backward_configs(d, dt)
+        cfgs = (acfg, q_cfg) if kernel == "dkdv" else (kv_cfg, acfg)
+        launches = backward_launches(b, n, hq, hkv, d, dt, need_dbias=os.environ.get("PROBE_DBIAS") == "1",
+                                     configs=cfgs, use_tma=tma, fused_dq=fused and kernel == "dkdv", varlen=varlen,
+                                     only="dkdv" if kernel == "dkdv" else "dq_kernel", constexpr_overrides=over)
+    launch = launches[0]
+    k = launch.compiled
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "sigattn_probe.cubin")
     with open(path, "wb") as fh:
@@ -374,7 +355,9 @@ def ptxas_report(kernel: str, d: int, cfg: tuple[int, ...], fused: bool = False,
     regs = " ".join(w for line in res.splitlines() if "REG" in line for w in line.split() if w[:4] in ("REG:", "STAC"))
     sass = subprocess.run([f"{bin_dir}/cuobjdump", "-sass", path], capture_output=True, text=True).stdout
     ops = {op: sass.count(op) for op in ("HGMMA", "MUFU.TANH", "STL", "LDL")}
-    form = f"fused={fused} tma={tma} varlen={varlen} wide={wide}"
+    c = launch.constexprs
+    form = (f"{dtype} shape={shape} fused={c.get('FUSED_DQ', False)} tma={c['USE_TMA']} varlen={c['VARLEN']} "
+            f"wide={c['WIDE_OFFS']} dbias={c.get('NEED_DBIAS', False)}")
     return f"{kernel} d={d} {cfg} {form}: smem={k.metadata.shared} {regs} {ops}"
 
 
@@ -394,7 +377,10 @@ def main() -> None:
     ap.add_argument("--extra-ds", default="")
     ap.add_argument("--exp-causal", action="store_true")
     ap.add_argument("--ptxas", nargs="+", metavar="KERNEL:D:BM,BN,WARPS,STAGES[:fused][:ptr][:varlen][:wide]",
-                    help="CPU-only: resource report of kernels compiled for sm_90, e.g. dkdv:128:64,128,8,3:fused")
+                    help="CPU-only: resource report of kernels compiled for sm_90 as a launch of --shape/--dtype "
+                         "compiles them, e.g. dkdv:128:64,128,8,3:fused")
+    ap.add_argument("--shape", default="2,4096,16,16", help="--ptxas launch shape B,N,HQ,HKV")
+    ap.add_argument("--dtype", default="bfloat16", help="--ptxas dtype: bfloat16, float16 or float32")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--impl", default="fast")
     ap.add_argument("--ns", default="1024,2048,4096,8192,16384")
@@ -406,7 +392,8 @@ def main() -> None:
         for spec in args.ptxas:
             kernel, d, cfg, *rest = spec.split(":")
             print(ptxas_report(kernel, int(d), tuple(int(x) for x in cfg.split(",")), fused="fused" in rest,
-                               tma="ptr" not in rest, varlen="varlen" in rest, wide="wide" in rest))
+                               tma="ptr" not in rest, varlen="varlen" in rest, wide="wide" in rest,
+                               dtype=args.dtype, shape=tuple(int(x) for x in args.shape.split(","))))
         return
     ns, ds = [int(x) for x in args.ns.split(",")], [int(x) for x in args.ds.split(",")]
     out = header()

@@ -80,11 +80,35 @@ def _is_sm90(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def _fp32_fit(cfg: AttnConfig, dtype: torch.dtype) -> AttnConfig:
-    """fp32 tiles take twice the shared memory: halve the key tile and keep one stage fewer."""
-    if dtype != torch.float32:
-        return cfg
-    return replace(cfg, block_n=max(16, cfg.block_n // 2), num_stages=max(1, cfg.num_stages - 1))
+# fp32 (3xTF32 matmuls) keeps its tiles and their split hi/lo operands in shared memory: a bf16 config with half the
+# key tile and one stage fewer asked for 262 KB (dK/dV, d=128) and 320 KB (dQ, d=96..256) of the 227 KB on an
+# H100/H200 (the 2-GPU ring test died on it). These are the largest tiles with the most stages that fit, from sm_90
+# compiles with the launch's specialization (python -m sigattn.bench.launch_compile): shared memory in KB per entry.
+# Not timed (fp32 is the accuracy path, not the fast one).
+_SM90_FP32_FWD: dict[int, AttnConfig] = {
+    32: AttnConfig(128, 32, 4, 2),  # 16
+    64: AttnConfig(128, 32, 4, 2),  # 32
+    96: AttnConfig(128, 32, 8, 1),  # 64
+    128: AttnConfig(128, 32, 4, 1),  # 64
+    192: AttnConfig(64, 32, 8, 1),  # 192 (pointer path); (128, 32, 8, 1) 320
+    256: AttnConfig(128, 32, 8, 1),  # 128
+}
+_SM90_FP32_BWD_DKDV: dict[int, AttnConfig] = {
+    32: AttnConfig(64, 32, 4, 2),  # 32
+    64: AttnConfig(64, 32, 4, 2),  # 80
+    96: AttnConfig(64, 32, 8, 2),  # 144; (64, 64, 8, 2) 256
+    128: AttnConfig(64, 32, 8, 2),  # 144; (64, 64, 8, 2) 256
+    192: AttnConfig(32, 32, 8, 1),  # 192 (pointer path)
+    256: AttnConfig(32, 32, 8, 1),  # 160
+}
+_SM90_FP32_BWD_DQ: dict[int, AttnConfig] = {
+    32: AttnConfig(64, 32, 4, 2),  # 48
+    64: AttnConfig(64, 32, 4, 2),  # 96
+    96: AttnConfig(64, 32, 8, 2),  # 192; (128, 32, 8, 2) 320
+    128: AttnConfig(64, 32, 8, 2),  # 192; (128, 32, 8, 2) 320
+    192: AttnConfig(32, 16, 4, 2),  # 160 (pointer path); (64, 16, 8, 1) 288
+    256: AttnConfig(32, 16, 4, 2),  # 164; (64, 16, 8, 1) 288
+}
 
 
 def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, causal: bool) -> AttnConfig:
@@ -95,7 +119,7 @@ def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, caus
     if tuned is not None:
         return tuned
     if _is_sm90(device):
-        return _fp32_fit(_lookup(_SM90_FWD, head_dim), dtype)
+        return sm90_forward_config(head_dim, dtype)
     return _GENERIC_FWD
 
 
@@ -104,9 +128,25 @@ def backward_configs(head_dim: int, dtype: torch.dtype, device: torch.device) ->
     if interpreting() or device.type != "cuda":
         return INTERPRETER, INTERPRETER
     if _is_sm90(device):
-        return (_fp32_fit(_lookup(_SM90_BWD_DKDV, head_dim), dtype),
-                _fp32_fit(_lookup(_SM90_BWD_DQ, head_dim), dtype))
+        return sm90_backward_configs(head_dim, dtype)
     return _GENERIC_BWD, _GENERIC_BWD
+
+
+def sm90_forward_config(head_dim: int, dtype: torch.dtype) -> AttnConfig:
+    """The sm_90 default forward config (also what sigattn.bench.launch_compile checks without a GPU)."""
+    return _lookup(_SM90_FP32_FWD if dtype == torch.float32 else _SM90_FWD, head_dim)
+
+
+def sm90_backward_configs(head_dim: int, dtype: torch.dtype) -> tuple[AttnConfig, AttnConfig]:
+    """The sm_90 default (dK/dV, dQ) configs."""
+    if dtype == torch.float32:
+        return _lookup(_SM90_FP32_BWD_DKDV, head_dim), _lookup(_SM90_FP32_BWD_DQ, head_dim)
+    return _lookup(_SM90_BWD_DKDV, head_dim), _lookup(_SM90_BWD_DQ, head_dim)
+
+
+def sm90_fused_dq() -> bool:
+    """Whether sm_90 adds dQ by atomics inside the dK/dV kernel when not deterministic."""
+    return _SM90_FUSED_DQ
 
 
 def use_fused_dq(deterministic: bool, device: torch.device) -> bool:
@@ -215,10 +255,9 @@ def set_gluon_forward(enabled: bool) -> None:
 
 def launch_fitting(kernel, grid: tuple[int, ...], *args, num_stages: int, **kwargs) -> None:
     """kernel[grid](*args, num_stages=num_stages, **kwargs), retried with one pipeline stage fewer each time Triton
-    reports that the compiled kernel needs more shared memory than the GPU has. Argument specializations (strides
-    divisible by 16, values equal to 1) can pipeline more loads than the measured configs saw: a bf16 d=64 GQA
-    backward with a per-head bias gradient asked for 262 KB of the 227 KB on an H200. Triton raises before the
-    launch, so nothing was written."""
+    reports that the compiled kernel needs more shared memory than the GPU has. A safety net, not the plan: the sm_90
+    defaults are checked against the launch's own compile (tests/ops/test_configs.py; the fp32 configs once asked for
+    262 KB of the 227 KB). Triton raises before the launch, so nothing was written."""
     from triton.runtime.errors import OutOfResources
 
     for stages in range(num_stages, 0, -1):
