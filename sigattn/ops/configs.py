@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -20,9 +21,55 @@ class AttnConfig:
     block_major: bool = False  # grid order: block index major (heavy causal blocks of all heads first)
 
 
+@functools.cache
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1). Read once: Triton decides it when
+    the kernels are decorated (at import), so a later change of the variable would not change what they are."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (triton.cdiv is a constexpr_function: ~1 µs of wrapping per call on the host)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of 2 >= n (n >= 1), as triton.next_power_of_2 without its wrapper."""
+    return 1 << (n - 1).bit_length()
+
+
+def fp32_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous float32 tensor, without the two dispatcher calls when it already is one."""
+    if t.dtype is torch.float32 and t.is_contiguous():
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def device_index(device: torch.device) -> int:
+    """CUDA device index (a tensor's device always has one; a bare "cuda" means the current device)."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+# Per-device facts, cached by device index: torch.cuda.get_device_capability / get_device_properties cost
+# microseconds per call, on every launch.
+_capability: dict[int, tuple[int, int]] = {}
+_sm_counts: dict[int, int] = {}
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    idx = device_index(device)
+    cap = _capability.get(idx)
+    if cap is None:
+        cap = _capability[idx] = torch.cuda.get_device_capability(idx)
+    return cap
+
+
+def sm_count(device: torch.device) -> int:
+    idx = device_index(device)
+    n = _sm_counts.get(idx)
+    if n is None:
+        n = _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
 # The interpreter costs ~2 ms per tile iteration whatever the tile size; 16x16 tiles make the small
@@ -77,7 +124,7 @@ def _lookup(table: dict[int, AttnConfig], head_dim: int) -> AttnConfig:
 
 
 def _is_sm90(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return device.type == "cuda" and cuda_capability(device)[0] == 9
 
 
 def _fp32_fit(cfg: AttnConfig, dtype: torch.dtype) -> AttnConfig:
@@ -87,10 +134,23 @@ def _fp32_fit(cfg: AttnConfig, dtype: torch.dtype) -> AttnConfig:
     return replace(cfg, block_n=max(16, cfg.block_n // 2), num_stages=max(1, cfg.num_stages - 1))
 
 
+# Resolved configs by (kind, head_dim, dtype, causal, device index): a lookup per launch instead of the table walk
+# (and dataclasses.replace for fp32). Cleared whenever a config is pinned.
+_resolved: dict[tuple, object] = {}
+
+
 def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, causal: bool) -> AttnConfig:
     """Forward tile config for this head dim / dtype / device (causal uses the same tiles)."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER
+    key = ("fwd", head_dim, dtype, causal, device_index(device))
+    cfg = _resolved.get(key)
+    if cfg is None:
+        cfg = _resolved[key] = _forward_config(head_dim, dtype, device, causal)
+    return cfg  # type: ignore[return-value]
+
+
+def _forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, causal: bool) -> AttnConfig:
     tuned = _autotuned.get(("fwd", head_dim, dtype, causal))
     if tuned is not None:
         return tuned
@@ -103,6 +163,14 @@ def backward_configs(head_dim: int, dtype: torch.dtype, device: torch.device) ->
     """(dK/dV kernel config, dQ kernel config) for this head dim / dtype / device."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER, INTERPRETER
+    key = ("bwd", head_dim, dtype, False, device_index(device))
+    cfgs = _resolved.get(key)
+    if cfgs is None:
+        cfgs = _resolved[key] = _backward_configs(head_dim, dtype, device)
+    return cfgs  # type: ignore[return-value]
+
+
+def _backward_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[AttnConfig, AttnConfig]:
     if _is_sm90(device):
         return (_fp32_fit(_lookup(_SM90_BWD_DKDV, head_dim), dtype),
                 _fp32_fit(_lookup(_SM90_BWD_DQ, head_dim), dtype))
@@ -159,6 +227,14 @@ def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> De
     with 64 query rows then takes 192 KiB of shared memory instead of 224 KiB, next to the 227 KiB limit)."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER_DECODE
+    key = ("decode", head_dim, dtype, False, device_index(device))
+    cfg = _resolved.get(key)
+    if cfg is None:
+        cfg = _resolved[key] = _decode_config(head_dim, dtype, device)
+    return cfg  # type: ignore[return-value]
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
     cfg = _decode_pinned.get((head_dim, dtype))
     if cfg is not None:
         return cfg
@@ -180,6 +256,7 @@ def set_decode_config(head_dim: int, dtype: torch.dtype, config: DecodeConfig | 
         _decode_pinned.pop((head_dim, dtype), None)
     else:
         _decode_pinned[(head_dim, dtype)] = config
+    _resolved.clear()
 
 
 # Opt-in autotune results (filled by `set_forward_config`, e.g. from bench/kernel_probe.py): key
@@ -190,3 +267,4 @@ _autotuned: dict[tuple[str, int, torch.dtype, bool], AttnConfig] = {}
 def set_forward_config(head_dim: int, dtype: torch.dtype, causal: bool, config: AttnConfig) -> None:
     """Pin the forward config used for (head_dim, dtype, causal) on CUDA, overriding the defaults."""
     _autotuned[("fwd", head_dim, dtype, causal)] = config
+    _resolved.clear()

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sigattn.ops.configs import DecodeConfig, decode_config, interpreting
+from sigattn.ops.configs import DecodeConfig, cdiv, decode_config, fp32_contiguous, interpreting, next_pow2, sm_count
 from sigattn.ops.forward import dot_precision, sigmoid_mode, window_bounds
 from sigattn.ops.primitives import alibi_distance, sigmoid_from_z, visible, z_factor
 
@@ -35,26 +35,31 @@ def _append_kv_kernel(
     seqlen_new,
     nheads_kv,
     page_size,
+    capacity,
+    num_blocks,
     PAGED: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program = new token t of sequence b, all kv heads: written at logical position cache_seqlens[b] + t."""
+    """One program = new token t of sequence b, all kv heads: written at logical position cache_seqlens[b] + t.
+    cache_seqlens[b] is clamped to [0, capacity - seqlen_new] and a block id outside [0, num_blocks) drops the
+    write: device-side values are not validated on the host (that would sync), so bad ones must stay in bounds."""
     pid = tl.program_id(0)
     off_b = (pid // seqlen_new).to(tl.int64)
     off_t = pid % seqlen_new
-    pos = tl.load(CacheSeqlens + off_b) + off_t
+    pos = tl.minimum(tl.maximum(tl.load(CacheSeqlens + off_b), 0), capacity - seqlen_new) + off_t
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_h[:, None] < nheads_kv) & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_H, BLOCK_D]
     if PAGED:
         blk = tl.load(BlockTable + off_b * stride_tb + pos // page_size).to(tl.int64)
+        ok = ok & (blk >= 0) & (blk < num_blocks)
         row_k = blk * stride_cb + (pos % page_size).to(tl.int64) * stride_cn
         row_v = blk * stride_vcb + (pos % page_size).to(tl.int64) * stride_vcn
     else:
         row_k = off_b * stride_cb + pos.to(tl.int64) * stride_cn
         row_v = off_b * stride_vcb + pos.to(tl.int64) * stride_vcn
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_h[:, None] < nheads_kv) & (offs_d[None, :] < HEAD_DIM)  # [BLOCK_H, BLOCK_D]
     src_k = KNew + off_b * stride_nb + off_t.to(tl.int64) * stride_nn + offs_h[:, None] * stride_nh + offs_d[None, :]
     src_v = VNew + off_b * stride_vnb + off_t.to(tl.int64) * stride_vnn + offs_h[:, None] * stride_vnh + offs_d[None, :]
     k = tl.load(src_k, mask=ok)
@@ -63,7 +68,9 @@ def _append_kv_kernel(
     tl.store(VCache + row_v + offs_h[:, None] * stride_vch + offs_d[None, :], v, mask=ok)
 
 
-@triton.jit
+# The window bounds follow each step's key length (-1 becomes seqlen_q + length + 1): not specialised, so decode
+# steps do not compile new variants as the length crosses multiples of 16.
+@triton.jit(do_not_specialize=["win_left", "win_right"])
 def _sigmoid_attn_decode_kernel(
     Q,
     K,
@@ -93,6 +100,8 @@ def _sigmoid_attn_decode_kernel(
     seqlen_q,
     seqlen_new,
     page_size,
+    capacity,
+    num_blocks,
     num_splits,
     num_m_blocks,
     win_left,
@@ -124,7 +133,8 @@ def _sigmoid_attn_decode_kernel(
     off_b = (pid_bh // nheads_kv).to(tl.int64)
     off_hk = (pid_bh % nheads_kv).to(tl.int64)
 
-    seqlen_k = tl.load(CacheSeqlens + off_b) + seqlen_new
+    # Clamped as in _append_kv_kernel: out-of-range device values read only inside the cache.
+    seqlen_k = tl.minimum(tl.maximum(tl.load(CacheSeqlens + off_b), 0), capacity - seqlen_new) + seqlen_new
     pos_shift = seqlen_k - seqlen_q  # bottom-right: query s sits at key position s + pos_shift
 
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,6 +173,8 @@ def _sigmoid_attn_decode_kernel(
         if PAGED:
             # One block id per key (L1 hits): tiles may cross pages, so any page size works.
             blk = tl.load(BlockTable + off_b * stride_tb + offs_n // page_size, mask=n_ok, other=0).to(tl.int64)
+            # A block id outside the cache reads as zero keys and values: its keys then add p * 0 = 0.
+            n_ok = n_ok & (blk >= 0) & (blk < num_blocks)
             slot = (offs_n % page_size).to(tl.int64)
             k_rows = blk * stride_kb + slot * stride_kn  # [BLOCK_N]
             v_rows = blk * stride_vb + slot * stride_vn
@@ -201,7 +213,7 @@ def _sum_splits_kernel(Ws, Out, n_rows, num_splits, stride_ws, HEAD_DIM: tl.cons
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return sm_count(device)
     return 4  # interpreter: small enough that the CPU tests' shapes take the split-KV path
 
 
@@ -213,7 +225,7 @@ def choose_num_splits(programs: int, keys: int, cfg: DecodeConfig, device: torch
         return 1
     target = cfg.programs_per_sm * _sm_count(device)
     by_grid = max(1, round(target / programs))
-    by_work = max(1, triton.cdiv(keys, cfg.block_n * cfg.min_tiles_per_split))
+    by_work = max(1, cdiv(keys, cfg.block_n * cfg.min_tiles_per_split))
     return int(min(by_grid, by_work, cfg.max_splits))
 
 
@@ -224,8 +236,8 @@ def launch_plan(
     """(block_m, m_blocks, num_splits) of a decode launch: the group's rows padded to a power of 2 >= 16 (tl.dot),
     at most cfg.max_block_m per program; splits from choose_num_splits unless forced."""
     rows = nheads_q // nheads_kv * seqlen_q
-    block_m = min(cfg.max_block_m, max(16, triton.next_power_of_2(rows)))
-    m_blocks = triton.cdiv(rows, block_m)
+    block_m = min(cfg.max_block_m, max(16, next_pow2(rows)))
+    m_blocks = cdiv(rows, block_m)
     if num_splits is None:
         num_splits = choose_num_splits(batch * nheads_kv * m_blocks, visible_keys, cfg, device)
     return block_m, m_blocks, num_splits
@@ -247,6 +259,7 @@ def append_kv(
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     paged = block_table is not None
     table = block_table if paged else cache_seqlens
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
     _append_kv_kernel[(batch * seqlen_new,)](
         k, v, k_cache, v_cache, cache_seqlens, table,
         k.stride(0), k.stride(1), k.stride(2),
@@ -254,11 +267,11 @@ def append_kv(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         table.stride(0) if paged else 0,
-        seqlen_new, nheads_kv, k_cache.shape[1] if paged else 1,
+        seqlen_new, nheads_kv, k_cache.shape[1] if paged else 1, capacity, k_cache.shape[0],
         PAGED=paged,
         HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(nheads_kv),
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_H=next_pow2(nheads_kv),
+        BLOCK_D=next_pow2(head_dim),
     )
 
 
@@ -288,7 +301,10 @@ def sigmoid_attn_kvcache(
     bias fp32 (Hq,); alibi_slopes fp32 (B, Hq) or None. Sequence b attends over its first cache_seqlens[b] + Snew
     keys, causal/window bottom-right aligned to that length. max_seqlen_k: a host-side bound on that length for
     the split heuristic (None: the cache capacity); num_splits: force the split-KV count (tests).
-    Arguments are assumed validated (sigattn.ops.api). Returns (B, Sq, Hq, D) in q's dtype.
+    Arguments are assumed validated (sigattn.ops.api); cache_seqlens and block_table values are not read on the
+    host: the kernels clamp cache_seqlens[b] to [0, capacity - Snew] and treat block ids outside [0, num_blocks)
+    as zero keys/values whose appends are dropped, so bad values give wrong numbers but never touch memory outside
+    the cache. Returns (B, Sq, Hq, D) in q's dtype.
     """
     batch, seqlen_q, nheads_q, head_dim = q.shape
     nheads_kv = k_cache.shape[2]
@@ -314,8 +330,8 @@ def sigmoid_attn_kvcache(
     dest = out
     if num_splits > 1:
         dest = torch.empty((num_splits,) + tuple(out.shape), dtype=torch.float32, device=q.device)
-    bias = bias.to(torch.float32).contiguous()
-    slopes = bias if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
+    bias = fp32_contiguous(bias)
+    slopes = bias if alibi_slopes is None else fp32_contiguous(alibi_slopes)
     table = block_table if paged else cache_seqlens
     mode = sigmoid_mode(sigmoid_impl, q.device)
     _sigmoid_attn_decode_kernel[(programs * num_splits,)](
@@ -327,13 +343,14 @@ def sigmoid_attn_kvcache(
         dest.stride(-4), dest.stride(-3), dest.stride(-2),
         table.stride(0) if paged else 0,
         slopes.stride(0) if slopes.dim() == 2 else 0,
-        nheads_kv, group, seqlen_q, seqlen_new, k_cache.shape[1] if paged else 1, num_splits, m_blocks,
+        nheads_kv, group, seqlen_q, seqlen_new, k_cache.shape[1] if paged else 1, capacity, k_cache.shape[0],
+        num_splits, m_blocks,
         left, right, float(scale), z_factor(mode),
         PAGED=paged,
         HAS_ALIBI=alibi_slopes is not None,
         SIGMOID=mode,
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=next_pow2(head_dim),
         BLOCK_M=block_m,
         BLOCK_N=cfg.block_n,
         DOT_PRECISION=dot_precision(q.dtype),
@@ -343,8 +360,8 @@ def sigmoid_attn_kvcache(
     if num_splits > 1:
         n_rows = batch * seqlen_q * nheads_q
         block_r = 16 if interpreting() else 4
-        _sum_splits_kernel[(triton.cdiv(n_rows, block_r),)](
+        _sum_splits_kernel[(cdiv(n_rows, block_r),)](
             dest, out, n_rows, num_splits, dest.stride(0),
-            HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(head_dim),
+            HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_D=next_pow2(head_dim),
         )
     return out

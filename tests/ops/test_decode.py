@@ -326,3 +326,81 @@ def test_gpu_int64_addressing_paged(device):
     kk, vv = kc[-16:].reshape(1, -1, hkv, d)[:, : 16 * page - 1], vc[-16:].reshape(1, -1, hkv, d)[:, : 16 * page - 1]
     want = sigmoid_attn(q.double(), kk.double(), vv.double(), scale=d**-0.5, bias=-8.0)
     assert max_err(out, want) < 0.02 * want.abs().max().item()
+
+
+def test_out_of_range_device_values_stay_inside_the_cache(device):
+    """The kernel-level call does not validate values (the public one skips reading CUDA tensors back): cache_seqlens
+    are clamped to [0, capacity - seqlen_new], and block ids outside the pool read as zero keys/values with their
+    appends dropped, so nothing outside the cache is read or written."""
+    b, hq, hkv, d, cap, page = 3, 4, 2, 16, 32, 8
+    q, kc, vc, kn, vn, _, bias, _ = make_case(b, 1, 1, hq, hkv, d, [0, 0, 0], cap, torch.float32, device)
+    kc, vc = torch.randn_like(kc), torch.randn_like(vc)
+    bad = torch.tensor([-5, 40, 10], dtype=torch.int32, device=device)
+    clamped = torch.tensor([0, cap - 1, 10], dtype=torch.int32, device=device)
+    args = (bias, d**-0.5, True, -1, 0, None, "accurate")
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    got = sigmoid_attn_kvcache(q, k1, v1, kn, vn, bad, None, *args)
+    want = sigmoid_attn_kvcache(q, k2, v2, kn, vn, clamped, None, *args)
+    assert torch.equal(got, want) and torch.equal(k1, k2) and torch.equal(v1, v2)
+
+    # Paged: sequence 1's second block id is past the pool, sequence 2's first is negative.
+    pool_k, table = paged_copy(kc, page, spare=0)
+    pool_v = torch.randn_like(pool_k)
+    n_blocks = pool_k.shape[0]
+    table[1, 1], table[2, 0] = n_blocks + 3, -1
+    lens = torch.tensor([5, 20, 6], dtype=torch.int32, device=device)
+    pk, pv = pool_k.clone(), pool_v.clone()
+    got = sigmoid_attn_kvcache(q, pk, pv, kn, vn, lens, table, *args)
+    # Expected: the same call on a contiguous cache whose positions in bad blocks hold zeros (p * 0 = 0) and whose
+    # appends there (sequence 2 writes position 6, in its bad block 0) are dropped.
+    pos = torch.arange(cap, device=device)
+    ok = (table >= 0) & (table < n_blocks)
+    safe = torch.where(ok, table, 0).long()
+    ck = torch.stack([pool_k[safe[bi, pos // page], pos % page] * ok[bi, pos // page, None, None] for bi in range(b)])
+    cv = torch.stack([pool_v[safe[bi, pos // page], pos % page] * ok[bi, pos // page, None, None] for bi in range(b)])
+    kn2, vn2 = kn.clone(), vn.clone()
+    kn2[2], vn2[2] = 0, 0
+    want = sigmoid_attn_kvcache(q, ck, cv, kn2, vn2, lens, None, *args)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    untouched = torch.ones(n_blocks, page, dtype=torch.bool, device=device)
+    for bi, n in enumerate(lens.tolist()):
+        if ok[bi, n // page]:
+            untouched[table[bi, n // page], n % page] = False
+    assert torch.equal(pk[untouched], pool_k[untouched]) and torch.equal(pv[untouched], pool_v[untouched])
+
+
+def test_public_api_validates_cpu_values(device):
+    """Values of CPU cache_seqlens / block_table (and ints) are still checked by the public function."""
+    if device != "cpu":
+        pytest.skip("CPU tensors")
+    q, kc, vc, kn, vn, _, _, _ = make_case(2, 1, 1, 4, 2, 16, [4, 4], 16, torch.float32, device)
+    for lens, msg in (([3, 16], "must fit in the cache"), ([-1, 2], ">= 0")):
+        with pytest.raises(ValueError, match=msg):
+            sigattn.sigmoid_attn_with_kvcache(q, kc, vc, kn, vn, bias=-2.0, backend="triton",
+                                              cache_seqlens=torch.tensor(lens, dtype=torch.int32))
+    with pytest.raises(ValueError, match="must fit in the cache"):
+        sigattn.sigmoid_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=16, bias=-2.0, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 16])
+def test_gpu_decode_api_never_syncs(page, device):
+    """CUDA cache_seqlens / block_table are not read back: no device sync per step, and out-of-range values do not
+    raise (the kernel keeps them inside the cache; see test_out_of_range_device_values_stay_inside_the_cache)."""
+    q, kc, vc, kn, vn, seqlens, _, _ = make_case(2, 1, 1, 8, 2, 64, [100, 5], 128, torch.bfloat16, device)
+    kc, vc = torch.randn_like(kc), torch.randn_like(vc)  # no NaN past the lengths: the bad ones attend there
+    table = None
+    if page is not None:
+        kc, table = paged_copy(kc, page)
+        vc = paged_copy(vc, page)[0]
+    bad = torch.tensor([500, -3], dtype=torch.int32, device=device)
+    for lens in (seqlens, bad):
+        sigattn.sigmoid_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table, bias=-4.0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = sigattn.sigmoid_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table,
+                                                    bias=-4.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(out).all()
