@@ -186,6 +186,9 @@ def use_fused_dq(deterministic: bool, device: torch.device) -> bool:
     return _SM90_FUSED_DQ if _is_sm90(device) else False
 
 
+DECODE_MAX_BLOCK_M = 64  # the decode kernel's default M tile cap (its split bucket is chosen before the config)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch parameters of the KV-cache decode kernel (sigattn.ops.decode).
@@ -201,7 +204,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     num_stages_paged: int
-    max_block_m: int = 64
+    max_block_m: int = DECODE_MAX_BLOCK_M
     programs_per_sm: int = 2
     min_tiles_per_split: int = 4
     max_splits: int = 64
@@ -217,30 +220,41 @@ _SM90_DECODE: dict[int, DecodeConfig] = {
     128: DecodeConfig(64, 4, 3, 5),
     256: DecodeConfig(32, 4, 3, 5),
 }
+# Split bucket: launches whose (sequence, kv head, m block) programs are fewer than the SMs (batch 1-16 at 8 kv
+# heads), which fill the GPU only by splitting keys, so each program streams a short run (~256-1000 keys) and the
+# pipeline's fill matters. Session 2 sweep, H100, B=1, Hkv=8, d=128, 32k keys, 33 splits: contiguous (64, 4, 4, 6)
+# 66.5 µs, (32, 4, 4, 6) 66.6, (128, 4, 3, 5) 71.3, (128, 8, 3, 5) 71.6, the 3-stage (64, 4, 3, 5) 115 and 124 (two
+# rows) and (64, 8, 3, 5) 110; paged 68-80 for all six. The 4k rows (~6 µs of GPU work) were host-bound, not a
+# ranking: one config timed 147 and 176 µs in one run, and the fastest there (128, 8, 3, 5) was the slowest paged.
+# So one pick for every context: the 4-stage 64-key tile (3 K/V buffers in flight). Batch >= 8: all six within 3%.
+_SM90_DECODE_SPLIT: dict[int, DecodeConfig] = {
+    128: DecodeConfig(64, 4, 4, 6),
+}
 _GENERIC_DECODE = DecodeConfig(64, 4, 2, 4)
 # The interpreter: 16-key tiles so the CPU tests' short caches cross several tiles and split.
 INTERPRETER_DECODE = DecodeConfig(16, 4, 1, 1, max_block_m=32, min_tiles_per_split=1)
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device, split_bucket: bool = False) -> DecodeConfig:
     """Decode kernel config for this head dim / dtype / device (fp32 halves the key tile and drops a stage: d=256
-    with 64 query rows then takes 192 KiB of shared memory instead of 224 KiB, next to the 227 KiB limit)."""
+    with 64 query rows then takes 192 KiB of shared memory instead of 224 KiB, next to the 227 KiB limit).
+    split_bucket: the launch has fewer (sequence, kv head, m block) programs than SMs (it splits keys to fill them)."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER_DECODE
-    key = ("decode", head_dim, dtype, False, device_index(device))
+    key = ("decode", head_dim, dtype, split_bucket, device_index(device))
     cfg = _resolved.get(key)
     if cfg is None:
-        cfg = _resolved[key] = _decode_config(head_dim, dtype, device)
+        cfg = _resolved[key] = _decode_config(head_dim, dtype, device, split_bucket)
     return cfg  # type: ignore[return-value]
 
 
-def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device, split_bucket: bool) -> DecodeConfig:
     cfg = _decode_pinned.get((head_dim, dtype))
     if cfg is not None:
         return cfg
     if not _is_sm90(device):
         return _GENERIC_DECODE
-    cfg = _lookup(_SM90_DECODE, head_dim)
+    cfg = (split_bucket and _SM90_DECODE_SPLIT.get(head_dim)) or _lookup(_SM90_DECODE, head_dim)
     if dtype != torch.float32:
         return cfg
     return replace(cfg, block_n=max(16, cfg.block_n // 2), num_stages=max(2, cfg.num_stages - 1),
