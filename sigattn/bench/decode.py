@@ -8,6 +8,8 @@ Shapes: batch 1/8/32 x context 4k/32k, 32 query heads, 8 kv heads, head dim 128,
 paged caches. Bytes = K and V read once (GQA: the 8 kv heads) + q read + out written, for every provider, so GB/s
 columns compare times at one byte count. The copy reference is torch's copy of a 1 GiB buffer, bytes read + written,
 measured in the same run. Medians of triton.testing.do_bench (L2 flushed before every call).
+Providers: sigattn (the launcher, no append), sigattn-step (the launcher appending this step's token: the one fused
+launch a decode step makes), sigattn-api (the public function: checks + the same launch), SDPA, eager sigmoid.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def _sigattn_kernel(config: tuple[int, ...] | None = None) -> Callable[..., Step
 
         cfg = None
         if config is not None:
-            base = decode_config(shape.headdim, t["q"].dtype, t["q"].device)
+            base = decode_config(shape.headdim, t["q"].dtype, t["q"].device, split_bucket=True)
             cfg = replace(base, block_n=config[0], num_warps=config[1], num_stages=config[2],
                           num_stages_paged=config[3])
         return lambda: sigmoid_attn_kvcache(
@@ -96,19 +98,35 @@ def _sigattn_kernel(config: tuple[int, ...] | None = None) -> Callable[..., Step
     return build
 
 
-def _sigattn_api(shape: DecodeShape, t: dict[str, torch.Tensor]) -> Step:
-    """The public function as a model calls it: argument checks (which read cache_seqlens and the block table on
-    the host: one sync), append of this step's k/v, attention over context keys."""
-    import sigattn
-
-    # This step's tokens are the cache's last seqlen_q entries, so appending them rewrites what is there.
+def _step_tokens(shape: DecodeShape, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_new, v_new, cache_seqlens before the step): this step's tokens are the cache's last seqlen_q entries, so
+    appending them rewrites what is there and every call sees the same cache."""
     pos = torch.arange(shape.context - shape.seqlen_q, shape.context, device=t["q"].device)
     if shape.page is None:
         k_new, v_new = t["k_cache"][:, pos].clone(), t["v_cache"][:, pos].clone()
     else:
         blocks = t["block_table"][:, pos // shape.page].long()
         k_new, v_new = t["k_cache"][blocks, pos % shape.page], t["v_cache"][blocks, pos % shape.page]
-    before = t["seqlens"] - shape.seqlen_q
+    return k_new, v_new, t["seqlens"] - shape.seqlen_q
+
+
+def _sigattn_step(shape: DecodeShape, t: dict[str, torch.Tensor]) -> Step:
+    """The launcher as a decode step runs it: append of this step's k/v fused into the attention launch."""
+    from sigattn.ops.decode import sigmoid_attn_kvcache
+
+    k_new, v_new, before = _step_tokens(shape, t)
+    return lambda: sigmoid_attn_kvcache(
+        t["q"], t["k_cache"], t["v_cache"], k_new, v_new, before, t.get("block_table"), t["bias"],
+        shape.headdim**-0.5, True, -1, 0, None, "fast", max_seqlen_k=shape.context,
+    )
+
+
+def _sigattn_api(shape: DecodeShape, t: dict[str, torch.Tensor]) -> Step:
+    """The public function as a model calls it: argument checks (no device sync: CUDA cache_seqlens / block_table
+    values are not read back), append of this step's k/v, attention over context keys."""
+    import sigattn
+
+    k_new, v_new, before = _step_tokens(shape, t)
     return lambda: sigattn.sigmoid_attn_with_kvcache(
         t["q"], t["k_cache"], t["v_cache"], k_new, v_new, cache_seqlens=before, bias=t["bias"],
         block_table=t.get("block_table"), causal=True,
@@ -186,7 +204,8 @@ def _reference_out(shape: DecodeShape, t: dict[str, torch.Tensor]) -> torch.Tens
 def providers(layout_paged: bool) -> dict[str, Callable[..., Any]]:
     from torch.nn.attention import SDPBackend
 
-    out: dict[str, Callable[..., Any]] = {"sigattn": _sigattn_kernel(), "sigattn-api": _sigattn_api}
+    out: dict[str, Callable[..., Any]] = {"sigattn": _sigattn_kernel(), "sigattn-step": _sigattn_step,
+                                          "sigattn-api": _sigattn_api}
     if not layout_paged:
         out |= {"sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
                 "naive-sigmoid": _naive}
@@ -257,14 +276,14 @@ def _run_shape(shape: DecodeShape, dtype: torch.dtype, device: torch.device, cop
     return rows
 
 
-def _splits(shape: DecodeShape, t: dict[str, torch.Tensor]) -> int:
-    """The split-KV count the launcher picks at this shape."""
-    from sigattn.ops.configs import decode_config
-    from sigattn.ops.decode import launch_plan
+def _splits(shape: DecodeShape, t: dict[str, torch.Tensor]) -> str:
+    """The split-KV count and (block_n, warps, stages, paged stages) the launcher picks at this shape."""
+    from sigattn.ops.decode import default_config, launch_plan
 
     dev = t["q"].device
-    cfg = decode_config(shape.headdim, t["q"].dtype, dev)
-    return launch_plan(shape.batch, shape.seqlen_q, shape.nheads, shape.nheads_kv, shape.context, cfg, dev)[2]
+    cfg = default_config(shape.batch, shape.seqlen_q, shape.nheads, shape.nheads_kv, shape.headdim, t["q"].dtype, dev)
+    n = launch_plan(shape.batch, shape.seqlen_q, shape.nheads, shape.nheads_kv, shape.context, cfg, dev)[2]
+    return f"{n} cfg={[cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.num_stages_paged]}"
 
 
 def _line(row: dict[str, Any]) -> str:
@@ -329,11 +348,14 @@ def plot(rows: Sequence[dict[str, Any]], meta: dict[str, Any], path: Path) -> No
     fig.savefig(path, dpi=120)
 
 
-def ptxas_report(config: tuple[int, ...], paged: bool, headdim: int = 128, block_m: int = 16) -> str:
+def ptxas_report(
+    config: tuple[int, ...], paged: bool, headdim: int = 128, block_m: int = 16, split: bool = True
+) -> str:
     """Registers, spills, shared memory and SASS op counts of the decode kernel compiled for sm_90 on this machine
     (no GPU: Triton ships ptxas and cuobjdump). bf16, fast sigmoid; pointers and the strides of a B=8, 32k-token
     cache marked 16-divisible as a real launch specialises them: without that, Triton cannot prove 16-byte
-    alignment and emits neither cp.async nor a pipelined loop (bench/kernel_probe.py --ptxas compiles that way)."""
+    alignment and emits neither cp.async nor a pipelined loop (bench/kernel_probe.py --ptxas compiles that way).
+    split: the form with the fused split sum (ticket atomics, last program sums)."""
     import os
     import subprocess
 
@@ -347,12 +369,13 @@ def ptxas_report(config: tuple[int, ...], paged: bool, headdim: int = 128, block
     hkv, d = 8, headdim
     rows = (64 if paged else 32768) * hkv * d
     ints = dict(stride_qb=32 * d, stride_qn=32 * d, stride_qh=d, stride_kb=rows, stride_kn=hkv * d, stride_kh=d,
-                stride_vb=rows, stride_vn=hkv * d, stride_vh=d, stride_os=8 * 32 * d, stride_ob=32 * d,
-                stride_on=32 * d, stride_oh=d, stride_tb=512, stride_sb=32, nheads_kv=hkv, group=4, seqlen_q=1,
-                seqlen_new=1, page_size=64 if paged else 1, num_splits=4, num_m_blocks=1, win_left=40000,
-                win_right=0)
-    consts: dict[str, Any] = dict(PAGED=paged, HAS_ALIBI=False, SIGMOID=1, HEAD_DIM=d,
-                                  BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=block_n,
+                stride_vb=rows, stride_vn=hkv * d, stride_vh=d, stride_nb=hkv * d, stride_nn=hkv * d, stride_nh=d,
+                stride_vnb=hkv * d, stride_vnn=hkv * d, stride_vnh=d, stride_ob=32 * d, stride_on=32 * d,
+                stride_oh=d, stride_ws=8 * 32 * d, stride_wb=32 * d, stride_wn=32 * d, stride_tb=512, stride_sb=32,
+                nheads_kv=hkv, group=4, seqlen_q=1, seqlen_new=1, page_size=64 if paged else 1, num_splits=4,
+                num_m_blocks=1, win_left=40000, win_right=0, capacity=32768, num_blocks=4096 if paged else 8)
+    consts: dict[str, Any] = dict(PAGED=paged, HAS_ALIBI=False, SIGMOID=1, SPLIT=split, HEAD_DIM=d,
+                                  BLOCK_D=triton.next_power_of_2(d), BLOCK_M=block_m, BLOCK_N=block_n, NEW_N=16,
                                   DOT_PRECISION="ieee")
     sig: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
@@ -364,8 +387,8 @@ def ptxas_report(config: tuple[int, ...], paged: bool, headdim: int = 128, block
         elif name in ("scale", "zf"):
             sig[name] = "fp32"
         elif name[0].isupper():
-            sig[name] = {"Bias": "*fp32", "Slopes": "*fp32", "CacheSeqlens": "*i32", "BlockTable": "*i32"}.get(
-                name, "*bf16")
+            sig[name] = {"Bias": "*fp32", "Slopes": "*fp32", "Ws": "*fp32", "Counters": "*i32",
+                         "CacheSeqlens": "*i32", "BlockTable": "*i32"}.get(name, "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
@@ -381,9 +404,10 @@ def ptxas_report(config: tuple[int, ...], paged: bool, headdim: int = 128, block
     res = subprocess.run([f"{bin_dir}/cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
     regs = " ".join(w for line in res.splitlines() if "REG" in line for w in line.split() if w[:4] in ("REG:", "STAC"))
     sass = subprocess.run([f"{bin_dir}/cuobjdump", "-sass", path], capture_output=True, text=True).stdout
-    ops = {op: sass.count(op) for op in ("HMMA", "HGMMA", "LDGSTS", "STL", "LDL")}
+    ops = {op: sass.count(op) for op in ("HMMA", "HGMMA", "LDGSTS", "STL", "LDL", "ATOMG", "BAR.SYNC")}
     buffers = k.asm["ttgir"].count("async_copy_global_to_local")
-    return (f"decode d={d} {'paged' if paged else 'contiguous'} {config} block_m={block_m}: smem={k.metadata.shared} "
+    return (f"decode d={d} {'paged' if paged else 'contiguous'} {config} block_m={block_m} split={split}: "
+            f"smem={k.metadata.shared} "
             f"{regs} {ops} async copies in TTGIR={buffers}")
 
 
@@ -411,7 +435,8 @@ def main(args: argparse.Namespace) -> int:
     if args.ptxas:
         for config in SWEEP:
             for paged in (False, True):
-                print(ptxas_report(config, paged, args.headdim), flush=True)
+                for split in (False, True):
+                    print(ptxas_report(config, paged, args.headdim, split=split), flush=True)
         return 0
     rows, meta = run(args)
     out = Path(args.out)

@@ -85,10 +85,29 @@ def _dense_triton_gap(q: torch.Tensor, alibi_slopes: torch.Tensor | None) -> str
 
 
 def _per_head_bias(bias: float | torch.Tensor, nheads: int, device: torch.device) -> torch.Tensor:
-    """The kernels take a float32 (nheads,) bias; gradients flow back to a user tensor through expand."""
+    """The kernels take a float32 (nheads,) bias; gradients flow back to a user tensor through expand. A float bias
+    (modules pass their fixed -log n) is filled once per (value, nheads, device) and reused: a fill per call cost a
+    kernel launch of host time. Not cached under torch.compile (a traced constant) or CUDA graph capture (the fill
+    would only be recorded, not run)."""
     if isinstance(bias, torch.Tensor):
         return bias.float().expand(nheads)
-    return torch.full((nheads,), bias, dtype=torch.float32, device=device)
+    if torch.compiler.is_compiling():
+        return torch.full((nheads,), bias, dtype=torch.float32, device=device)
+    key = (bias, nheads, device)
+    cached = _BIAS_CACHE.get(key)
+    if cached is not None:
+        return cached
+    if len(_BIAS_CACHE) >= 64 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((nheads,), bias, dtype=torch.float32, device=device)
+    # A normal tensor even inside inference_mode, so later autograd calls can save it for backward. Entries are
+    # never evicted: a captured CUDA graph may hold a pointer to one.
+    with torch.inference_mode(False):
+        t = torch.full((nheads,), bias, dtype=torch.float32, device=device)
+    _BIAS_CACHE[key] = t
+    return t
+
+
+_BIAS_CACHE: dict[tuple[float, int, torch.device], torch.Tensor] = {}
 
 
 def sigmoid_attn_func(
@@ -418,8 +437,12 @@ def sigmoid_attn_with_kvcache(
     heads of a GQA group share one read of each cached K/V byte, and short batches split each sequence's keys across
     SMs (partial outputs add in fp32: sigmoid has no normaliser). Inference only: with inputs that require grad
     it raises, and "auto" runs the reference. "auto" runs the kernel on CUDA whenever it serves the call.
-    The argument checks read a cache_seqlens tensor and a block_table back to the host (one sync per call); an int
-    cache_seqlens with a contiguous cache needs no read.
+    No device sync: cache_seqlens and block_table values are checked (ValueError) only when they are free to read,
+    an int cache_seqlens or CPU tensors. CUDA tensors' values are not read back (that would sync every step); the
+    kernel keeps bad ones inside the cache instead: cache_seqlens[b] is clamped to [0, capacity - seqlen_new], and
+    block ids outside [0, num_blocks) read as zero keys/values with their appends dropped. Such values then give
+    wrong outputs, never out-of-bounds memory accesses; check them yourself where they can be wrong. With CUDA
+    cache_seqlens the split-KV heuristic sizes splits by the cache capacity (an int sizes them exactly).
 
     Returns:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
@@ -461,18 +484,17 @@ def sigmoid_attn_with_kvcache(
         if k_cache.shape[0] != b:
             raise ValueError(f"k_cache must have q's batch size {b} in dim 0; got shape {tuple(k_cache.shape)}")
         capacity = k_cache.shape[1]
-    lens = [cache_seqlens] * b if isinstance(cache_seqlens, int) else None
+    if seqlen_new > capacity:
+        raise ValueError(f"seqlen_new ({seqlen_new}) must fit in the cache ({capacity} positions per sequence)")
+    # Values are checked only where reading them is free: an int, or tensors on the CPU. Reading a CUDA tensor
+    # back would sync every decode step; the kernels keep out-of-range device values inside the cache instead.
+    lens = [cache_seqlens] * b if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) else None
     cache_seqlens = _check_cache_seqlens(cache_seqlens, b, q.device)
-    lens = cache_seqlens.tolist() if lens is None else lens
-    if any(n < 0 for n in lens):
-        raise ValueError(f"cache_seqlens must be >= 0; got {lens}")
-    if lens and max(lens) + seqlen_new > capacity:
-        raise ValueError(
-            f"cache_seqlens + seqlen_new must fit in the cache ({capacity} positions per sequence); got "
-            f"max(cache_seqlens) = {max(lens)} + {seqlen_new} new tokens"
-        )
-    if paged:
-        _check_block_ids(block_table, lens, seqlen_new, k_cache.shape[1], k_cache.shape[0])
+    if lens is None and cache_seqlens.device.type == "cpu":
+        lens = cache_seqlens.tolist()
+    if lens is not None:
+        _check_cache_values(lens, block_table if paged and block_table.device.type == "cpu" else None, seqlen_new,
+                            capacity, k_cache.shape[1], k_cache.shape[0])
     scale = check_scale(scale, d)
     bias = check_bias(bias, hq, q.device, None)
     window = check_window(window_size, causal)
@@ -480,7 +502,12 @@ def sigmoid_attn_with_kvcache(
     check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
     check_choice("backend", backend, BACKENDS)
     gap = _kvcache_triton_gap(q, k_cache, v_cache, [*tensors.values(), bias, alibi])
-    match _resolve_backend(backend, q.device, gap):
+    resolved = _resolve_backend(backend, q.device, gap)
+    if resolved == "reference" and (lens is None or (paged and block_table.device.type != "cpu")):
+        # The reference reads the values on the host anyway: check them all here.
+        _check_cache_values(cache_seqlens.tolist(), block_table, seqlen_new, capacity, k_cache.shape[1],
+                            k_cache.shape[0])
+    match resolved:
         case "triton":
             from sigattn.ops import decode
 
@@ -488,7 +515,8 @@ def sigmoid_attn_with_kvcache(
                 alibi = alibi.expand(b, hq)
             return decode.sigmoid_attn_kvcache(
                 q, k_cache, v_cache, k, v, cache_seqlens, block_table, _per_head_bias(bias, hq, q.device), scale,
-                causal, window[0], window[1], alibi, sigmoid_impl, max_seqlen_k=max(lens, default=0) + seqlen_new,
+                causal, window[0], window[1], alibi, sigmoid_impl,
+                max_seqlen_k=None if lens is None else max(lens, default=0) + seqlen_new,
             )
         case _:
             return reference.sigmoid_attn_with_kvcache(
@@ -543,6 +571,21 @@ def _check_block_table(block_table: object, batch: int, num_blocks: int, page: i
     if page == 0 or num_blocks == 0:
         raise ValueError(f"a paged k_cache needs num_blocks > 0 and page_block_size > 0; got ({num_blocks}, {page})")
     return block_table.shape[1] * page
+
+
+def _check_cache_values(
+    lens: list[int], block_table: torch.Tensor | None, seqlen_new: int, capacity: int, page: int, num_blocks: int
+) -> None:
+    """Host-side value checks of cache_seqlens (as a list) and, unless None, of block_table."""
+    if any(n < 0 for n in lens):
+        raise ValueError(f"cache_seqlens must be >= 0; got {lens}")
+    if lens and max(lens) + seqlen_new > capacity:
+        raise ValueError(
+            f"cache_seqlens + seqlen_new must fit in the cache ({capacity} positions per sequence); got "
+            f"max(cache_seqlens) = {max(lens)} + {seqlen_new} new tokens"
+        )
+    if block_table is not None:
+        _check_block_ids(block_table, lens, seqlen_new, page, num_blocks)
 
 
 def _check_block_ids(block_table: torch.Tensor, lens: list[int], seqlen_new: int, page: int, num_blocks: int) -> None:

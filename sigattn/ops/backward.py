@@ -6,10 +6,19 @@ import torch
 import triton
 import triton.language as tl
 
-from sigattn.ops.configs import AttnConfig, backward_configs, launch_fitting, use_fused_dq
+from sigattn.ops.configs import (
+    AttnConfig,
+    backward_configs,
+    cdiv,
+    fp32_contiguous,
+    launch_fitting,
+    next_pow2,
+    use_fused_dq,
+)
 from sigattn.ops.forward import (
+    NO_SPECIALIZE,
     Varlen,
-    batch_stride,
+    bnh_strides,
     dot_precision,
     kernel_bias,
     last_dim_contiguous,
@@ -140,7 +149,7 @@ def _dkdv_tiles(
     return dk, dv, dbias
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _sigmoid_attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -348,7 +357,7 @@ def _dq_tiles(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _sigmoid_attn_bwd_dq_kernel(
     Q,
     K,
@@ -474,8 +483,9 @@ def sigmoid_attn_bwd(
     Returns (dq, dk, dv, dbias) with dbias fp32 (Hq,) (zeros when not need_dbias). deterministic=True always
     runs the atomic-free two-kernel form (bitwise reproducible); otherwise `fused_dq` (default: per-arch
     choice in configs.use_fused_dq) adds dQ with fp32 atomics inside the dK/dV kernel."""
-    return _launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
-                       sigmoid_impl, configs, use_tma, need_dbias, fused_dq, None)
+    dq, dk, dv, dbias = launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes,
+                                   deterministic, sigmoid_impl, configs, use_tma, need_dbias, fused_dq, None)
+    return dq, dk, dv, _zeros_if_none(dbias, bias, q)
 
 
 def sigmoid_attn_varlen_bwd(
@@ -499,11 +509,16 @@ def sigmoid_attn_varlen_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels on packed sequences. Shapes as `sigmoid_attn_varlen_fwd`; do like the output.
     Returns (dq, dk, dv, dbias) with dbias fp32 of bias's shape ((Hq,) or (B, Hq)); forms as `sigmoid_attn_bwd`."""
-    return _launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
-                       sigmoid_impl, configs, use_tma, need_dbias, fused_dq, varlen)
+    dq, dk, dv, dbias = launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes,
+                                   deterministic, sigmoid_impl, configs, use_tma, need_dbias, fused_dq, varlen)
+    return dq, dk, dv, _zeros_if_none(dbias, bias, q)
 
 
-def _launch_bwd(
+def _zeros_if_none(dbias: torch.Tensor | None, bias: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if dbias is None else dbias
+
+
+def launch_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -521,7 +536,9 @@ def _launch_bwd(
     need_dbias: bool,
     fused_dq: bool | None,
     varlen: Varlen | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The backward launch behind sigmoid_attn_bwd / sigmoid_attn_varlen_bwd (varlen None: dense), returning None
+    for dbias when not need_dbias (the eager autograd path discards it; a zero fill would cost a launch)."""
     do, q, k, v = (last_dim_contiguous(t) for t in (do, q, k, v))
     packed_shape = q.shape
     if varlen is None:
@@ -543,7 +560,7 @@ def _launch_bwd(
     cfg_kv, cfg_q = configs or backward_configs(head_dim, q.dtype, q.device)
     left, right = window_bounds(seqlen_q, seqlen_k, causal, window_left, window_right)
     bias, stride_bb = kernel_bias(bias)
-    slopes = bias if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
+    slopes = bias if alibi_slopes is None else fp32_contiguous(alibi_slopes)
     cu_q, cu_k = (bias, bias) if varlen is None else (varlen.cu_seqlens_q.contiguous(),
                                                       varlen.cu_seqlens_k.contiguous())
     mode = sigmoid_mode(sigmoid_impl, q.device)
@@ -559,14 +576,15 @@ def _launch_bwd(
         HAS_ALIBI=alibi_slopes is not None,
         SIGMOID=mode,
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=next_pow2(head_dim),
         DOT_PRECISION=dot_precision(q.dtype),
         VARLEN=varlen is not None,
     )
     stride_sb = slopes.stride(0) if slopes.dim() == 2 else 0
-    n_kblocks = triton.cdiv(seqlen_k, cfg_kv.block_n)
-    dbias_part = torch.empty((batch, nheads_q, n_kblocks) if need_dbias else (1,), dtype=torch.float32,
-                             device=q.device)
+    n_kblocks = cdiv(seqlen_k, cfg_kv.block_n)
+    # Without need_dbias the kernel never touches its partials: any fp32 pointer serves.
+    dbias_part = (torch.empty((batch, nheads_q, n_kblocks), dtype=torch.float32, device=q.device) if need_dbias
+                  else bias)
     descs = [tma_view(q, cfg_kv.block_m), tma_view(do, cfg_kv.block_m)] if use_tma else [None]
     if fused and use_tma:
         descs.append(tma_view(dq, cfg_kv.block_m))
@@ -576,13 +594,13 @@ def _launch_bwd(
     launch_fitting(
         _sigmoid_attn_bwd_dkdv_kernel, (n_kblocks * batch * nheads_kv,),
         qa, k, v, doa, dk, dv, dqa, dbias_part, bias, slopes, cu_q, cu_k,
-        batch_stride(q, varlen), q.stride(1), q.stride(2),
-        batch_stride(k, varlen), k.stride(1), k.stride(2),
-        batch_stride(v, varlen), v.stride(1), v.stride(2),
-        batch_stride(do, varlen), do.stride(1), do.stride(2),
-        batch_stride(dk, varlen), dk.stride(1), dk.stride(2),
-        batch_stride(dv, varlen), dv.stride(1), dv.stride(2),
-        batch_stride(dq, varlen), dq.stride(1), dq.stride(2),
+        *bnh_strides(q, varlen),
+        *bnh_strides(k, varlen),
+        *bnh_strides(v, varlen),
+        *bnh_strides(do, varlen),
+        *bnh_strides(dk, varlen),
+        *bnh_strides(dv, varlen),
+        *bnh_strides(dq, varlen),
         stride_bb, stride_sb, nheads_kv, group, seqlen_q, seqlen_k, left, right, float(scale), z_factor(mode),
         BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, USE_TMA=tma_kv, FUSED_DQ=fused, NEED_DBIAS=need_dbias,
         WIDE_OFFS=wide_offsets([q, k, v, do, dk, dv, dq], max(cfg_kv.block_m, cfg_kv.block_n)),
@@ -595,13 +613,13 @@ def _launch_bwd(
         tma_q = all(x is not None for x in descs)
         ka, va = descs if tma_q else (k, v)
         launch_fitting(
-            _sigmoid_attn_bwd_dq_kernel, (triton.cdiv(seqlen_q, cfg_q.block_m) * batch * nheads_q,),
+            _sigmoid_attn_bwd_dq_kernel, (cdiv(seqlen_q, cfg_q.block_m) * batch * nheads_q,),
             q, ka, va, do, dq, bias, slopes, cu_q, cu_k,
-            batch_stride(q, varlen), q.stride(1), q.stride(2),
-            batch_stride(k, varlen), k.stride(1), k.stride(2),
-            batch_stride(v, varlen), v.stride(1), v.stride(2),
-            batch_stride(do, varlen), do.stride(1), do.stride(2),
-            batch_stride(dq, varlen), dq.stride(1), dq.stride(2),
+            *bnh_strides(q, varlen),
+            *bnh_strides(k, varlen),
+            *bnh_strides(v, varlen),
+            *bnh_strides(do, varlen),
+            *bnh_strides(dq, varlen),
             stride_bb, stride_sb, nheads_q, group, seqlen_q, seqlen_k, left, right, float(scale), z_factor(mode),
             BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, USE_TMA=tma_q,
             WIDE_OFFS=wide_offsets([q, k, v, do, dq], max(cfg_q.block_m, cfg_q.block_n)),
@@ -609,7 +627,7 @@ def _launch_bwd(
         )
     # dbias of bias's shape: (Hq,) summed over sequences, or (B, Hq) per sequence.
     if not need_dbias:
-        dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device)
+        dbias = None
     else:
         dbias = dbias_part.sum(dim=(0, 2)) if bias.dim() == 1 else dbias_part.sum(dim=2)
     return unbatch(dq), unbatch(dk), unbatch(dv), dbias

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -20,9 +21,55 @@ class AttnConfig:
     block_major: bool = False  # grid order: block index major (heavy causal blocks of all heads first)
 
 
+@functools.cache
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1). Read once: Triton decides it when
+    the kernels are decorated (at import), so a later change of the variable would not change what they are."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints (triton.cdiv is a constexpr_function: ~1 µs of wrapping per call on the host)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of 2 >= n (n >= 1), as triton.next_power_of_2 without its wrapper."""
+    return 1 << (n - 1).bit_length()
+
+
+def fp32_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous float32 tensor, without the two dispatcher calls when it already is one."""
+    if t.dtype is torch.float32 and t.is_contiguous():
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def device_index(device: torch.device) -> int:
+    """CUDA device index (a tensor's device always has one; a bare "cuda" means the current device)."""
+    return torch.cuda.current_device() if device.index is None else device.index
+
+
+# Per-device facts, cached by device index: torch.cuda.get_device_capability / get_device_properties cost
+# microseconds per call, on every launch.
+_capability: dict[int, tuple[int, int]] = {}
+_sm_counts: dict[int, int] = {}
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    idx = device_index(device)
+    cap = _capability.get(idx)
+    if cap is None:
+        cap = _capability[idx] = torch.cuda.get_device_capability(idx)
+    return cap
+
+
+def sm_count(device: torch.device) -> int:
+    idx = device_index(device)
+    n = _sm_counts.get(idx)
+    if n is None:
+        n = _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
 # The interpreter costs ~2 ms per tile iteration whatever the tile size; 16x16 tiles make the small
@@ -77,7 +124,7 @@ def _lookup(table: dict[int, AttnConfig], head_dim: int) -> AttnConfig:
 
 
 def _is_sm90(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return device.type == "cuda" and cuda_capability(device)[0] == 9
 
 
 # fp32 (3xTF32 matmuls) keeps its tiles and their split hi/lo operands in shared memory: a bf16 config with half the
@@ -111,10 +158,23 @@ _SM90_FP32_BWD_DQ: dict[int, AttnConfig] = {
 }
 
 
+# Resolved configs by (kind, head_dim, dtype, causal, device index): a lookup per launch instead of the table walk
+# (and dataclasses.replace for fp32). Cleared whenever a config is pinned.
+_resolved: dict[tuple, object] = {}
+
+
 def forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, causal: bool) -> AttnConfig:
     """Forward tile config for this head dim / dtype / device (causal uses the same tiles)."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER
+    key = ("fwd", head_dim, dtype, causal, device_index(device))
+    cfg = _resolved.get(key)
+    if cfg is None:
+        cfg = _resolved[key] = _forward_config(head_dim, dtype, device, causal)
+    return cfg  # type: ignore[return-value]
+
+
+def _forward_config(head_dim: int, dtype: torch.dtype, device: torch.device, causal: bool) -> AttnConfig:
     tuned = _autotuned.get(("fwd", head_dim, dtype, causal))
     if tuned is not None:
         return tuned
@@ -127,6 +187,14 @@ def backward_configs(head_dim: int, dtype: torch.dtype, device: torch.device) ->
     """(dK/dV kernel config, dQ kernel config) for this head dim / dtype / device."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER, INTERPRETER
+    key = ("bwd", head_dim, dtype, False, device_index(device))
+    cfgs = _resolved.get(key)
+    if cfgs is None:
+        cfgs = _resolved[key] = _backward_configs(head_dim, dtype, device)
+    return cfgs  # type: ignore[return-value]
+
+
+def _backward_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[AttnConfig, AttnConfig]:
     if _is_sm90(device):
         return sm90_backward_configs(head_dim, dtype)
     return _GENERIC_BWD, _GENERIC_BWD
@@ -158,6 +226,9 @@ def use_fused_dq(deterministic: bool, device: torch.device) -> bool:
     return _SM90_FUSED_DQ if _is_sm90(device) else False
 
 
+DECODE_MAX_BLOCK_M = 64  # the decode kernel's default M tile cap (its split bucket is chosen before the config)
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch parameters of the KV-cache decode kernel (sigattn.ops.decode).
@@ -173,7 +244,7 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     num_stages_paged: int
-    max_block_m: int = 64
+    max_block_m: int = DECODE_MAX_BLOCK_M
     programs_per_sm: int = 2
     min_tiles_per_split: int = 4
     max_splits: int = 64
@@ -189,22 +260,41 @@ _SM90_DECODE: dict[int, DecodeConfig] = {
     128: DecodeConfig(64, 4, 3, 5),
     256: DecodeConfig(32, 4, 3, 5),
 }
+# Split bucket: launches whose (sequence, kv head, m block) programs are fewer than the SMs (batch 1-16 at 8 kv
+# heads), which fill the GPU only by splitting keys, so each program streams a short run (~256-1000 keys) and the
+# pipeline's fill matters. Session 2 sweep, H100, B=1, Hkv=8, d=128, 32k keys, 33 splits: contiguous (64, 4, 4, 6)
+# 66.5 µs, (32, 4, 4, 6) 66.6, (128, 4, 3, 5) 71.3, (128, 8, 3, 5) 71.6, the 3-stage (64, 4, 3, 5) 115 and 124 (two
+# rows) and (64, 8, 3, 5) 110; paged 68-80 for all six. The 4k rows (~6 µs of GPU work) were host-bound, not a
+# ranking: one config timed 147 and 176 µs in one run, and the fastest there (128, 8, 3, 5) was the slowest paged.
+# So one pick for every context: the 4-stage 64-key tile (3 K/V buffers in flight). Batch >= 8: all six within 3%.
+_SM90_DECODE_SPLIT: dict[int, DecodeConfig] = {
+    128: DecodeConfig(64, 4, 4, 6),
+}
 _GENERIC_DECODE = DecodeConfig(64, 4, 2, 4)
 # The interpreter: 16-key tiles so the CPU tests' short caches cross several tiles and split.
 INTERPRETER_DECODE = DecodeConfig(16, 4, 1, 1, max_block_m=32, min_tiles_per_split=1)
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device, split_bucket: bool = False) -> DecodeConfig:
     """Decode kernel config for this head dim / dtype / device (fp32 halves the key tile and drops a stage: d=256
-    with 64 query rows then takes 192 KiB of shared memory instead of 224 KiB, next to the 227 KiB limit)."""
+    with 64 query rows then takes 192 KiB of shared memory instead of 224 KiB, next to the 227 KiB limit).
+    split_bucket: the launch has fewer (sequence, kv head, m block) programs than SMs (it splits keys to fill them)."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER_DECODE
+    key = ("decode", head_dim, dtype, split_bucket, device_index(device))
+    cfg = _resolved.get(key)
+    if cfg is None:
+        cfg = _resolved[key] = _decode_config(head_dim, dtype, device, split_bucket)
+    return cfg  # type: ignore[return-value]
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype, device: torch.device, split_bucket: bool) -> DecodeConfig:
     cfg = _decode_pinned.get((head_dim, dtype))
     if cfg is not None:
         return cfg
     if not _is_sm90(device):
         return _GENERIC_DECODE
-    cfg = _lookup(_SM90_DECODE, head_dim)
+    cfg = (split_bucket and _SM90_DECODE_SPLIT.get(head_dim)) or _lookup(_SM90_DECODE, head_dim)
     if dtype != torch.float32:
         return cfg
     return replace(cfg, block_n=max(16, cfg.block_n // 2), num_stages=max(2, cfg.num_stages - 1),
@@ -220,6 +310,7 @@ def set_decode_config(head_dim: int, dtype: torch.dtype, config: DecodeConfig | 
         _decode_pinned.pop((head_dim, dtype), None)
     else:
         _decode_pinned[(head_dim, dtype)] = config
+    _resolved.clear()
 
 
 # Opt-in autotune results (filled by `set_forward_config`, e.g. from bench/kernel_probe.py): key
@@ -230,6 +321,7 @@ _autotuned: dict[tuple[str, int, torch.dtype, bool], AttnConfig] = {}
 def set_forward_config(head_dim: int, dtype: torch.dtype, causal: bool, config: AttnConfig) -> None:
     """Pin the forward config used for (head_dim, dtype, causal) on CUDA, overriding the defaults."""
     _autotuned[("fwd", head_dim, dtype, causal)] = config
+    _resolved.clear()
 
 
 # The Gluon forward (sigattn/ops/gluon_forward.py: warp-specialized TMA producer + ping-pong wgmma consumers) serves

@@ -1,11 +1,30 @@
-"""torch.library custom ops around the Triton kernels (fake impls + autograd), so torch.compile traces them whole."""
+"""torch.library custom ops around the Triton kernels (fake impls + autograd), so torch.compile traces them whole;
+plain autograd.Functions over the same launchers serve eager calls."""
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from sigattn.ops.backward import sigmoid_attn_bwd, sigmoid_attn_varlen_bwd
+from sigattn.ops.backward import launch_bwd, sigmoid_attn_bwd, sigmoid_attn_varlen_bwd
 from sigattn.ops.forward import Varlen, sigmoid_attn_fwd, sigmoid_attn_varlen_fwd
+
+
+def _eager(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call can skip the custom op: not traced by torch.compile, no dispatch/function mode or functorch
+    transform active, plain tensors only (fake/functional tensors and subclasses take the op). The op's dispatch
+    (schema defaults, alias check, its autograd wrapper) cost ~0.5 ms of host time per forward+backward on H100
+    (bench/host_overhead.py); both paths run the same launchers, so results are identical."""
+    if torch.compiler.is_compiling():
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
+def _needs_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or bias.requires_grad)
 
 
 @torch.library.custom_op("sigattn::dense_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -105,9 +124,40 @@ def sigmoid_attn_dense(
     alibi_slopes float32 (B, Hq) or None; causal bottom-right aligned; window -1 = unbounded.
     Returns (B, Nq, Hq, D) in q's dtype; the backward returns gradients for q, k, v and bias.
     """
+    if _eager(q, k, v, bias, alibi_slopes):
+        if not _needs_grad(q, k, v, bias):
+            return sigmoid_attn_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes,
+                                    sigmoid_impl)
+        return _DenseFn.apply(
+            q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl
+        )
     return dense_fwd(
         q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl
     )
+
+
+class _DenseFn(torch.autograd.Function):
+    """Eager twin of sigattn::dense_fwd with its registered autograd (same launchers, same saved tensors)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
+                sigmoid_impl):
+        out = sigmoid_attn_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl)
+        ctx.save_for_backward(q, k, v, bias, alibi_slopes)
+        ctx.args = (scale, causal, window_left, window_right, deterministic, sigmoid_impl)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        q, k, v, bias, alibi_slopes = ctx.saved_tensors
+        scale, causal, window_left, window_right, deterministic, sigmoid_impl = ctx.args
+        need_dbias = bool(ctx.needs_input_grad[3])
+        dq, dk, dv, dbias = launch_bwd(
+            do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl,
+            None, None, need_dbias, None, None,
+        )
+        return dq, dk, dv, (dbias.to(bias.dtype) if need_dbias else None), None, None, None, None, None, None, None
 
 
 @torch.library.custom_op("sigattn::varlen_fwd", mutates_args=(), device_types=("cuda", "cpu"))
@@ -225,7 +275,40 @@ def sigmoid_attn_varlen(
     None; causal/window bottom-right aligned per sequence. Returns (total_q, Hq, D) in q's dtype; the backward
     returns gradients for q, k, v and bias.
     """
-    return varlen_fwd(
+    if _eager(q, k, v, cu_seqlens_q, cu_seqlens_k, bias, alibi_slopes):
+        if not _needs_grad(q, k, v, bias):
+            return sigmoid_attn_varlen_fwd(q, k, v, Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                                           bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl)
+        fn = _VarlenFn.apply
+    else:
+        fn = varlen_fwd
+    return fn(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bias, scale, causal, window_left,
         window_right, alibi_slopes, deterministic, sigmoid_impl,
     )
+
+
+class _VarlenFn(torch.autograd.Function):
+    """Eager twin of sigattn::varlen_fwd with its registered autograd."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal, window_left, window_right,
+                alibi_slopes, deterministic, sigmoid_impl):
+        out = sigmoid_attn_varlen_fwd(q, k, v, Varlen(cu_q, cu_k, max_q, max_k), bias, scale, causal, window_left,
+                                      window_right, alibi_slopes, sigmoid_impl)
+        ctx.save_for_backward(q, k, v, cu_q, cu_k, bias, alibi_slopes)
+        ctx.args = (max_q, max_k, scale, causal, window_left, window_right, deterministic, sigmoid_impl)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        q, k, v, cu_q, cu_k, bias, alibi_slopes = ctx.saved_tensors
+        max_q, max_k, scale, causal, window_left, window_right, deterministic, sigmoid_impl = ctx.args
+        need_dbias = bool(ctx.needs_input_grad[7])
+        dq, dk, dv, dbias = launch_bwd(
+            do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl,
+            None, None, need_dbias, None, Varlen(cu_q, cu_k, max_q, max_k),
+        )
+        dbias = dbias.to(bias.dtype) if need_dbias else None
+        return (dq, dk, dv, None, None, None, None, dbias) + (None,) * 7

@@ -9,7 +9,17 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from sigattn.ops.configs import AttnConfig, forward_config, gluon_forward_enabled, interpreting, launch_fitting
+from sigattn.ops.configs import (
+    AttnConfig,
+    cdiv,
+    cuda_capability,
+    forward_config,
+    fp32_contiguous,
+    gluon_forward_enabled,
+    interpreting,
+    launch_fitting,
+    next_pow2,
+)
 from sigattn.ops.primitives import (
     SIGMOID_ACCURATE,
     SIGMOID_FAST_ASM,
@@ -157,7 +167,13 @@ def _fwd_tiles(
     return acc
 
 
-@triton.jit
+# Lengths and window bounds change from call to call (varlen batches, decode steps, and -1 windows become
+# seqlen_q + seqlen_k + 1): specialising them (== 1, % 16) compiled up to 3^4 variants per config and added their
+# checks to every launch; they only feed masks and loop bounds, whose vector widths they do not set.
+NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "win_left", "win_right"]
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _sigmoid_attn_fwd_kernel(
     Q,
     K,
@@ -297,34 +313,49 @@ def tma_view(t: torch.Tensor, block_rows: int) -> TensorDescriptor | None:
     would read the next head's columns there). The batch axis keeps a tile of batch b from reading batch b + 1's
     rows: those read as zeros (a finite weight of 0 times an inf there would be NaN)."""
     b, n, h, d = t.shape
+    sb, sn, sh, sd = t.stride()
     # One batch: its stride is never stepped, so any aligned value serves (a view's may be odd).
-    strides = [t.stride(0) if b > 1 else n * t.stride(1), t.stride(1), t.stride(2)]
-    if t.stride(3) != 1 or max(b, n) >= 2**31 or (b > 1 and strides[0] == 0):
+    if b <= 1:
+        sb = n * sn
+    if sd != 1 or max(b, n) >= 2**31 or min(b, n, h) <= 0 or (b > 1 and sb == 0):
         return None
-    if any((x * t.element_size()) % 16 for x in strides) or t.data_ptr() % 16:
+    es = t.element_size()
+    if (sb * es) % 16 or (sn * es) % 16 or (sh * es) % 16 or t.data_ptr() % 16:
         return None
-    block_d = triton.next_power_of_2(d)
+    block_d = next_pow2(d)
     if d != block_d and block_d > 128:
         # Measured on H100 (bench/NOTES.md, v5): the padded view sped up d=96 (fwd 264 -> 312 TFLOP/s) but
         # slowed d=192 (421 -> 348), so padded dims above 128 keep the pointer path.
         return None
     if d == block_d:
-        if t.stride(2) != d:
+        if sh != d:
             return None
-        return TensorDescriptor(t, [b, n, h * d], [strides[0], strides[1], 1], [1, block_rows, d])
-    return TensorDescriptor(t, [b, n, h, d], [*strides, 1], [1, block_rows, 1, block_d])
+        return _descriptor(t, [b, n, h * d], [sb, sn, 1], [1, block_rows, d])
+    return _descriptor(t, [b, n, h, d], [sb, sn, sh, 1], [1, block_rows, 1, block_d])
+
+
+def _descriptor(t: torch.Tensor, shape: list[int], strides: list[int], block: list[int]) -> TensorDescriptor:
+    """TensorDescriptor without its __post_init__ checks, which tma_view has made already (16-byte aligned base and
+    strides, unit last stride, positive shape) and which cost microseconds per call; block shapes come from configs
+    (powers of 2)."""
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides, desc.block_shape = t, shape, strides, block
+    return desc
 
 
 def use_tma_default(device: torch.device) -> bool:
     """TMA (bulk tensor copies) on Hopper and newer; the interpreter and older GPUs take the pointer path."""
-    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and not interpreting() and cuda_capability(device)[0] >= 9
 
 
 def wide_offsets(tensors: list[torch.Tensor], block_rows: int) -> bool:
     """Whether a pointer tile's offsets rows * stride_n + d (tensors (B, N, H, D)) can pass int32. The kernels
     then compute them in int64; otherwise in int32 (int64 offset tiles took ptxas from 816 to 1728 spill bytes
     in the d=192 dK/dV kernel)."""
-    return any((block_rows - 1) * abs(t.stride(1)) + t.shape[-1] >= 2**31 for t in tensors)
+    for t in tensors:
+        if (block_rows - 1) * abs(t.stride(1)) + t.shape[-1] >= 2**31:
+            return True
+    return False
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -342,14 +373,22 @@ class Varlen(NamedTuple):
     max_seqlen_k: int
 
 
+def bnh_strides(t: torch.Tensor, varlen: Varlen | None) -> tuple[int, int, int]:
+    """(batch, seq, head) strides of t (B, N, H, D) as the kernels take them (batch_stride's rule), one stride()."""
+    sb, sn, sh, _ = t.stride()
+    return (0 if varlen is not None else sb), sn, sh
+
+
 def batch_stride(t: torch.Tensor, varlen: Varlen | None) -> int:
     """Stride between sequences: a varlen tensor (1, total, H, D) has none, the kernels offset by cu_seqlens."""
     return 0 if varlen is not None else t.stride(0)
 
 
 def kernel_bias(bias: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(fp32 contiguous bias, its stride between sequences): (Hq,) shared by every sequence, (B, Hq) per sequence."""
-    bias = bias.to(torch.float32).contiguous()
+    """(fp32 bias with unit head stride, its stride between sequences): (Hq,) shared by every sequence, (B, Hq) per
+    sequence. A (B, Hq) expand of an (Hq,) bias (the varlen API's) keeps its 0 sequence stride: no copy per call."""
+    if bias.dtype is not torch.float32 or (bias.shape[-1] > 1 and bias.stride(-1) != 1):
+        bias = bias.to(torch.float32).contiguous()
     return bias, (bias.stride(0) if bias.dim() == 2 else 0)
 
 
@@ -445,9 +484,9 @@ def _launch_fwd(
     cfg = config or forward_config(head_dim, q.dtype, q.device, causal)
     left, right = window_bounds(seqlen_q, seqlen_k, causal, window_left, window_right)
     bias, stride_bb = kernel_bias(bias)
-    slopes = bias if alibi_slopes is None else alibi_slopes.to(torch.float32).contiguous()
+    slopes = bias if alibi_slopes is None else fp32_contiguous(alibi_slopes)
     mode = sigmoid_mode(sigmoid_impl, q.device)
-    grid = (triton.cdiv(seqlen_q, cfg.block_m) * batch * nheads_q,)
+    grid = (cdiv(seqlen_q, cfg.block_m) * batch * nheads_q,)
     # TMA (bulk tensor copies) on Hopper+; the pointer path serves other GPUs, odd layouts and the interpreter.
     use_tma = use_tma_default(q.device) if use_tma is None else use_tma
     descs = [tma_view(q, cfg.block_m), tma_view(k, cfg.block_n), tma_view(v, cfg.block_n)] if use_tma else [None]
@@ -456,17 +495,17 @@ def _launch_fwd(
     launch_fitting(
         _sigmoid_attn_fwd_kernel, grid,
         qa, ka, va, o, bias, slopes, cu_q, cu_k,
-        batch_stride(q, varlen), q.stride(1), q.stride(2),
-        batch_stride(k, varlen), k.stride(1), k.stride(2),
-        batch_stride(v, varlen), v.stride(1), v.stride(2),
-        batch_stride(o, varlen), o.stride(1), o.stride(2),
+        *bnh_strides(q, varlen),
+        *bnh_strides(k, varlen),
+        *bnh_strides(v, varlen),
+        *bnh_strides(o, varlen),
         stride_bb, slopes.stride(0) if slopes.dim() == 2 else 0,
         nheads_q, nheads_q // nheads_kv, seqlen_q, seqlen_k, left, right,
         float(scale), z_factor(mode),
         HAS_ALIBI=alibi_slopes is not None,
         SIGMOID=mode,
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=next_pow2(head_dim),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         DOT_PRECISION=dot_precision(q.dtype),

@@ -17,6 +17,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from sigattn.ops.configs import cuda_capability
 from sigattn.ops.primitives import LOG2E
 
 # Per head dim: (query rows per consumer warpgroup, consumer warpgroups, key tile, K/V ring stages,
@@ -369,7 +370,7 @@ def _num_sms(device: torch.device) -> int:
 
 def gluon_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """None if gluon_dense_fwd can serve these tensors, else why not."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if q.device.type != "cuda" or cuda_capability(q.device) != (9, 0):
         return "needs an sm_90 GPU"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return "needs bf16 or fp16 q/k/v"

@@ -25,6 +25,7 @@ def test_decode_bench_end_to_end(tmp_path: Path) -> None:
         r = rows[("sigattn", layout)]
         assert r["ms"] > 0 and r["max_err"] < 1e-4 and "splits=" in r["note"]  # interpreter on CPU
         assert rows[("sigattn-api", layout)]["max_err"] < 1e-4
+        assert rows[("sigattn-step", layout)]["max_err"] < 1e-4
     assert rows[("sdpa-flash", "contiguous")]["note"].startswith("unavailable")
     assert rows[("naive-sigmoid", "contiguous")]["gbps"] > 0
     table = (tmp_path / "decode.md").read_text()

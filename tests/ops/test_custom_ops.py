@@ -68,3 +68,50 @@ def test_opcheck_backward_with_transposed_q(deterministic, device):
     do = torch.randn_like(q)
     args = (do, qt, k, v, bias, 0.25, True, -1, 0, None, deterministic, "accurate", True)
     torch.library.opcheck(torch.ops.sigattn.dense_bwd.default, args)
+
+
+@pytest.mark.parametrize("need_bias_grad", [True, False])
+def test_eager_path_equals_custom_op_bitwise(need_bias_grad, device):
+    """Eager calls skip the op's dispatch (a plain autograd.Function over the same launchers): outputs and every
+    gradient equal the op's bit for bit."""
+    q, k, v, bias, slopes = _inputs(device, alibi=True)
+    bias.requires_grad_(need_bias_grad)
+    args = (0.25, True, 7, 0, slopes, True, "accurate")
+    assert custom_ops._eager(q, k, v, bias, slopes)
+    got = custom_ops._DenseFn.apply(q, k, v, bias, *args)
+    want = torch.ops.sigattn.dense_fwd(q, k, v, bias, *args)
+    do = torch.randn_like(got)
+    leaves = (q, k, v, bias) if need_bias_grad else (q, k, v)
+    g_got, g_want = torch.autograd.grad(got, leaves, do), torch.autograd.grad(want, leaves, do)
+    assert torch.equal(got, want)
+    for a, b in zip(g_got, g_want):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(custom_ops.sigmoid_attn_dense(q, k, v, bias, *args), want)
+
+
+def test_traced_or_moded_calls_take_the_custom_op(device):
+    """Fake tensors, dispatch modes and functorch transforms see the custom op (its fake impl), not the eager path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    q, k, v, bias, _ = _inputs(device)
+    assert custom_ops._eager(q, k, v, bias)
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Spy() as spy:
+        custom_ops.sigmoid_attn_dense(q, k, v, bias, 0.25, True, -1, 0, None, True, "accurate")
+    assert any("sigattn.dense_fwd" in name for name in spy.ops)
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fb = (mode.from_tensor(t) for t in (q, k, v, bias))
+        assert not custom_ops._eager(fq, fk, fv, fb)
+        out = custom_ops.sigmoid_attn_dense(fq, fk, fv, fb, 0.25, True, -1, 0, None, True, "accurate")
+        assert out.shape == q.shape

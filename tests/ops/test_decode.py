@@ -29,6 +29,16 @@ def paged_copy(k_cache: torch.Tensor, page: int, spare: int = 2) -> tuple[torch.
     return pool, ids
 
 
+def paged_pair(k_cache: torch.Tensor, v_cache: torch.Tensor, page: int) -> tuple[torch.Tensor, ...]:
+    """(k pool, v pool, block table): both caches paged through one table."""
+    pool_k, table = paged_copy(k_cache, page)
+    pool_v = torch.zeros_like(pool_k)
+    pos = torch.arange(k_cache.shape[1], device=k_cache.device)
+    for bi in range(len(table)):
+        pool_v[table[bi, pos // page].long(), pos % page] = v_cache[bi]
+    return pool_k, pool_v, table
+
+
 def gather_paged(pool: torch.Tensor, table: torch.Tensor, cap: int) -> torch.Tensor:
     """The contiguous (batch, cap, h, d) view of a paged pool."""
     pos = torch.arange(cap, device=pool.device)
@@ -39,9 +49,9 @@ def make_case(b, sq, new, hq, hkv, d, lens, cap, dtype, device, alibi=False):
     q = torch.randn(b, sq, hq, d, dtype=dtype, device=device)
     k_cache = torch.randn(b, cap, hkv, d, dtype=dtype, device=device)
     v_cache = torch.randn(b, cap, hkv, d, dtype=dtype, device=device)
-    for bi, n in enumerate(lens):  # slots past the sequence are never read: NaN there must not leak
-        k_cache[bi, n + new :] = math.nan
-        v_cache[bi, n + new :] = math.nan
+    for bi, n in enumerate(lens):  # slots past the cached tokens: NaN must not leak (the new tokens' slots are
+        k_cache[bi, n:] = math.nan  # written by the call, which reads the new keys from k/v, never from there)
+        v_cache[bi, n:] = math.nan
     k_new = torch.randn(b, new, hkv, d, dtype=dtype, device=device) if new else None
     v_new = torch.randn(b, new, hkv, d, dtype=dtype, device=device) if new else None
     seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
@@ -135,6 +145,61 @@ def test_seqlen_q(sq, device):
 def test_split_kv_forced(num_splits, device):
     """Key ranges cut into runs of tiles summed in fp32; 8 splits of 3 tiles leave empty splits (they add 0)."""
     check_case(2, 1, 1, 4, 2, 32, [40, 7], 48, torch.float32, device, causal=True, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("sq", [1, 2, 5, 16])
+@pytest.mark.parametrize("page", [None, 8])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fused_append_visible_to_the_same_call(sq, page, num_splits, device):
+    """One launch appends and attends: the new keys (read from k/v, not back from the cache) are attended in the same
+    call and land in the cache; lengths put them at a split boundary (sequence 0: keys 31..31+sq across the 2nd/3rd
+    16-key tiles) and inside a tile (sequence 1); page 8 splits them across pages."""
+    check_case(2, sq, sq, 8, 2, 16, [31, 9], 48, torch.float32, device, causal=True, page=page,
+               num_splits=num_splits)
+
+
+@pytest.mark.parametrize("page", [None, 16])
+def test_fused_append_more_new_tokens_than_queries(page, device):
+    """20 new tokens (two 16-row tiles, written round robin by the kv head's programs) for 1 query, a window that
+    starts inside them, 4 splits (some of which see only new keys, some none)."""
+    check_case(2, 1, 20, 4, 2, 32, [3, 26], 48, torch.float32, device, causal=True, window=(13, -1), page=page,
+               num_splits=4)
+
+
+@pytest.mark.parametrize("page", [None, 8])
+def test_split_sum_is_deterministic_and_leaves_counters_zero(page, device):
+    """The last split of each (sequence, kv head, m block) sums the partials in split order: repeated calls give
+    bitwise one result, and every ticket counter is back at 0 for the next launch."""
+    from sigattn.ops import decode
+
+    q, kc, vc, kn, vn, seqlens, bias, _ = make_case(2, 3, 3, 8, 2, 16, [40, 17], 48, torch.float32, device)
+    table = None
+    if page is not None:
+        kc, vc, table = paged_pair(kc, vc, page)
+    args = (bias, 0.25, True, -1, 0, None, "accurate")
+    first = sigmoid_attn_kvcache(q, kc, vc, kn, vn, seqlens, table, *args, num_splits=5)
+    for _ in range(2):
+        again = sigmoid_attn_kvcache(q, kc, vc, kn, vn, seqlens, table, *args, num_splits=5)
+        assert torch.equal(first, again)
+    assert torch.isfinite(first).all()
+    assert decode._scratch and all(int(c.abs().sum()) == 0 for _, c in decode._scratch.values())
+
+
+def test_split_bucket_plan(device, monkeypatch):
+    """Issue 4's batch-1 shapes (H100: 132 SMs, Hq 32, Hkv 8, d 128): the split bucket's config and split counts
+    (4k: 16 splits of 256 keys, 128 programs; 32k: 33 splits, 264 programs); batch 32 keeps the base config, 1 split."""
+    from sigattn.ops import configs, decode
+
+    monkeypatch.setattr(configs, "_is_sm90", lambda d: True)
+    monkeypatch.setattr(decode, "_sm_count", lambda d: 132)
+    dev = torch.device(device)
+    split_cfg = configs._decode_config(128, torch.bfloat16, dev, True)
+    base_cfg = configs._decode_config(128, torch.bfloat16, dev, False)
+    assert (split_cfg.block_n, split_cfg.num_stages, split_cfg.num_stages_paged) == (64, 4, 6)
+    assert (base_cfg.block_n, base_cfg.num_stages) == (64, 3)
+    assert decode.launch_plan(1, 1, 32, 8, 4096, split_cfg, dev) == (16, 1, 16)
+    assert decode.launch_plan(1, 1, 32, 8, 32768, split_cfg, dev) == (16, 1, 33)
+    assert decode.launch_plan(32, 1, 32, 8, 4096, base_cfg, dev)[2] == 1
 
 
 def test_split_kv_chosen_on_long_caches(device):
@@ -301,6 +366,31 @@ def test_gpu_head_dims_window_alibi(d, device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 256])
+def test_gpu_fused_split_sum_under_concurrency(page, device):
+    """Batch 1, 4k keys, the heuristic's 16 splits and a forced 33: programs really race for the tickets; 30 calls
+    give bitwise one result (split-order sum, whichever program is last), within rounding of 1 split, and the
+    counters end at 0. The step's token goes through the fused append (read from k/v, written to the cache)."""
+    from sigattn.ops import decode
+
+    q, kc, vc, kn, vn, seqlens, bias, _ = make_case(1, 1, 1, 32, 8, 128, [4095], 4096 + 256, torch.bfloat16, device)
+    kc, vc = torch.randn_like(kc), torch.randn_like(vc)
+    table = None
+    if page is not None:
+        kc, vc, table = paged_pair(kc, vc, page)
+    args = (bias, 128**-0.5, True, -1, 0, None, "fast")
+    one = sigmoid_attn_kvcache(q, kc, vc, kn, vn, seqlens, table, *args, num_splits=1)
+    for splits in (None, 33):
+        first = sigmoid_attn_kvcache(q, kc, vc, kn, vn, seqlens, table, *args, num_splits=splits)
+        for _ in range(30):
+            assert torch.equal(sigmoid_attn_kvcache(q, kc, vc, kn, vn, seqlens, table, *args, num_splits=splits),
+                               first)
+        torch.testing.assert_close(first.float(), one.float(), rtol=2e-2, atol=2e-2)
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for _, c in decode._scratch.values())
+
+
+@pytest.mark.gpu
 def test_gpu_auto_uses_the_kernel(device, monkeypatch):
     from sigattn.ops import decode
 
@@ -326,3 +416,81 @@ def test_gpu_int64_addressing_paged(device):
     kk, vv = kc[-16:].reshape(1, -1, hkv, d)[:, : 16 * page - 1], vc[-16:].reshape(1, -1, hkv, d)[:, : 16 * page - 1]
     want = sigmoid_attn(q.double(), kk.double(), vv.double(), scale=d**-0.5, bias=-8.0)
     assert max_err(out, want) < 0.02 * want.abs().max().item()
+
+
+def test_out_of_range_device_values_stay_inside_the_cache(device):
+    """The kernel-level call does not validate values (the public one skips reading CUDA tensors back): cache_seqlens
+    are clamped to [0, capacity - seqlen_new], and block ids outside the pool read as zero keys/values with their
+    appends dropped, so nothing outside the cache is read or written."""
+    b, hq, hkv, d, cap, page = 3, 4, 2, 16, 32, 8
+    q, kc, vc, kn, vn, _, bias, _ = make_case(b, 1, 1, hq, hkv, d, [0, 0, 0], cap, torch.float32, device)
+    kc, vc = torch.randn_like(kc), torch.randn_like(vc)
+    bad = torch.tensor([-5, 40, 10], dtype=torch.int32, device=device)
+    clamped = torch.tensor([0, cap - 1, 10], dtype=torch.int32, device=device)
+    args = (bias, d**-0.5, True, -1, 0, None, "accurate")
+    k1, v1, k2, v2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    got = sigmoid_attn_kvcache(q, k1, v1, kn, vn, bad, None, *args)
+    want = sigmoid_attn_kvcache(q, k2, v2, kn, vn, clamped, None, *args)
+    assert torch.equal(got, want) and torch.equal(k1, k2) and torch.equal(v1, v2)
+
+    # Paged: sequence 1's second block id is past the pool, sequence 2's first is negative.
+    pool_k, table = paged_copy(kc, page, spare=0)
+    pool_v = torch.randn_like(pool_k)
+    n_blocks = pool_k.shape[0]
+    table[1, 1], table[2, 0] = n_blocks + 3, -1
+    lens = torch.tensor([5, 20, 6], dtype=torch.int32, device=device)
+    pk, pv = pool_k.clone(), pool_v.clone()
+    got = sigmoid_attn_kvcache(q, pk, pv, kn, vn, lens, table, *args)
+    # Expected: the same call on a contiguous cache whose positions in bad blocks hold zeros (p * 0 = 0) and whose
+    # appends there (sequence 2 writes position 6, in its bad block 0) are dropped.
+    pos = torch.arange(cap, device=device)
+    ok = (table >= 0) & (table < n_blocks)
+    safe = torch.where(ok, table, 0).long()
+    ck = torch.stack([pool_k[safe[bi, pos // page], pos % page] * ok[bi, pos // page, None, None] for bi in range(b)])
+    cv = torch.stack([pool_v[safe[bi, pos // page], pos % page] * ok[bi, pos // page, None, None] for bi in range(b)])
+    kn2, vn2 = kn.clone(), vn.clone()
+    kn2[2], vn2[2] = 0, 0
+    want = sigmoid_attn_kvcache(q, ck, cv, kn2, vn2, lens, None, *args)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    untouched = torch.ones(n_blocks, page, dtype=torch.bool, device=device)
+    for bi, n in enumerate(lens.tolist()):
+        if ok[bi, n // page]:
+            untouched[table[bi, n // page], n % page] = False
+    assert torch.equal(pk[untouched], pool_k[untouched]) and torch.equal(pv[untouched], pool_v[untouched])
+
+
+def test_public_api_validates_cpu_values(device):
+    """Values of CPU cache_seqlens / block_table (and ints) are still checked by the public function."""
+    if device != "cpu":
+        pytest.skip("CPU tensors")
+    q, kc, vc, kn, vn, _, _, _ = make_case(2, 1, 1, 4, 2, 16, [4, 4], 16, torch.float32, device)
+    for lens, msg in (([3, 16], "must fit in the cache"), ([-1, 2], ">= 0")):
+        with pytest.raises(ValueError, match=msg):
+            sigattn.sigmoid_attn_with_kvcache(q, kc, vc, kn, vn, bias=-2.0, backend="triton",
+                                              cache_seqlens=torch.tensor(lens, dtype=torch.int32))
+    with pytest.raises(ValueError, match="must fit in the cache"):
+        sigattn.sigmoid_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=16, bias=-2.0, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 16])
+def test_gpu_decode_api_never_syncs(page, device):
+    """CUDA cache_seqlens / block_table are not read back: no device sync per step, and out-of-range values do not
+    raise (the kernel keeps them inside the cache; see test_out_of_range_device_values_stay_inside_the_cache)."""
+    q, kc, vc, kn, vn, seqlens, _, _ = make_case(2, 1, 1, 8, 2, 64, [100, 5], 128, torch.bfloat16, device)
+    kc, vc = torch.randn_like(kc), torch.randn_like(vc)  # no NaN past the lengths: the bad ones attend there
+    table = None
+    if page is not None:
+        kc, table = paged_copy(kc, page)
+        vc = paged_copy(vc, page)[0]
+    bad = torch.tensor([500, -3], dtype=torch.int32, device=device)
+    for lens in (seqlens, bad):
+        sigattn.sigmoid_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table, bias=-4.0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = sigattn.sigmoid_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table,
+                                                    bias=-4.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(out).all()
