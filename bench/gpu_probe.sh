@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: GPU tests (xdist), `sigattn check`, and short LM/ViT training probes (throughput alone on the GPU).
+# One device call: GPU tests (xdist; SKIP_TESTS=1 skips), `sigattn check` (SKIP_CHECK=1 skips), and short LM/ViT
+# training probes (PROBE_TASKS="lm vit": throughput alone on the GPU).
 #   OUT=... bash bench/gpu_probe.sh          (the device tool sets OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -8,9 +9,11 @@ OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
 start=$SECONDS
-echo "== pytest -m gpu ${PYTEST_ARGS:-tests}"
-python -m pytest -m gpu -q -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" ${PYTEST_ARGS:-tests} > "$OUT/tests.txt" 2>&1
-echo "pytest rc=$? in $((SECONDS - start)) s"; tail -n 25 "$OUT/tests.txt"
+if [[ -z "${SKIP_TESTS:-}" ]]; then
+    echo "== pytest -m gpu ${PYTEST_ARGS:-tests}"
+    python -m pytest -m gpu -q -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" ${PYTEST_ARGS:-tests} > "$OUT/tests.txt" 2>&1
+    echo "pytest rc=$? in $((SECONDS - start)) s"; tail -n 25 "$OUT/tests.txt"
+fi
 if [[ -z "${SKIP_CHECK:-}" ]]; then
     echo "== sigattn check"; t=$SECONDS
     python -m sigattn.cli check > "$OUT/check.txt" 2>&1; echo "check rc=$? in $((SECONDS - t)) s"; tail -n 25 "$OUT/check.txt"

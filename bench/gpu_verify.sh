@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One device call that checks and times what was changed without a GPU: GPU tests, then short benchmarks.
+#
+#   bash bench/gpu_verify.sh                       # all stages, within BUDGET seconds (default 570)
+#   STAGES="tests bench host" bash bench/gpu_verify.sh
+#
+# Stages (in this order; each has its own time limit and is skipped when the budget is spent):
+#   tests   pytest -m gpu with xdist over tests/ops tests/nn tests/integrations (~2 min cold)
+#   gbwd    bench/gluon_bwd_check.py: the Gluon backward's correctness and timing (if present)
+#   bench   sigattn bench: Gluon/portable forward + backward vs SDPA flash and cuDNN, d 64/128, N 1k/4k/16k
+#   host    bench/host_overhead.py: host cost per call vs SDPA
+#   decode  the decode benchmark (kernel-level and API rows)
+#   varlen  bench/varlen_bench.py, d=128 non-causal, equal and mixed packs
+#   lm      the LM training-throughput probe (softmax vs sigmoid alone, 300 steps each)
+# The device tool returns at most 8 files from $OUT: everything goes into $OUT/verify.tgz plus $OUT/summary.txt.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-$PWD/gpu_out}"
+W="$(mktemp -d)"
+BUDGET="${BUDGET:-570}"
+STAGES="${STAGES:-tests gbwd bench host decode varlen lm}"
+summary="$OUT/summary.txt"
+mkdir -p "$OUT"
+: > "$summary"
+
+log() { echo "$*" | tee -a "$summary"; }
+
+stage() {  # stage NAME LIMIT CMD...
+    local name=$1 limit=$2 left
+    shift 2
+    [[ " $STAGES " == *" $name "* ]] || return 0
+    left=$((BUDGET - SECONDS - 15))
+    if (( left < 20 )); then log "== $name: skipped (budget spent)"; return 0; fi
+    (( limit > left )) && limit=$left
+    local t=$SECONDS
+    timeout --signal=INT --kill-after=10 "$limit" "$@" > "$W/$name.txt" 2>&1
+    local rc=$?
+    log "== $name rc=$rc in $((SECONDS - t)) s (limit $limit s)"
+}
+
+log "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+log "$(python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cudnn", torch.backends.cudnn.version())')"
+
+stage tests 240 python -m pytest -m gpu -q -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" tests/ops tests/nn tests/integrations
+grep -E "^FAILED|^ERROR| passed| failed" "$W/tests.txt" 2>/dev/null | tail -n 15 | tee -a "$summary"
+if [[ -f bench/gluon_bwd_check.py ]]; then stage gbwd 150 python bench/gluon_bwd_check.py; fi
+tail -n 25 "$W/gbwd.txt" 2>/dev/null | tee -a "$summary"
+stage bench 150 python -m sigattn.bench --out "$W/bench" --modes fwd,bwd --headdims 64,128 --seqlens 1k,4k,16k \
+    --providers sigattn-triton,sigattn-triton-portable,sdpa-flash,sdpa-cudnn
+cat "$W/bench/table.txt" 2>/dev/null | tee -a "$summary"
+stage host 40 python bench/host_overhead.py
+head -n 12 "$W/host.txt" 2>/dev/null | tee -a "$summary"
+stage decode 100 python -m sigattn.bench.decode --out "$W/decode"
+grep -v "sigattn\[" "$W/decode/decode.md" 2>/dev/null | tee -a "$summary"
+stage varlen 100 python bench/varlen_bench.py --out "$W/varlen" --ds 128 --causal no --packs equal:2048,mixed --modes fwd,bwd
+cat "$W/varlen/table.md" 2>/dev/null | tee -a "$summary"
+PROBE_TASKS=lm SKIP_CHECK=1 SKIP_TESTS=1 OUT="$W/lm" stage lm 120 bash bench/gpu_probe.sh
+grep "^{" "$W/lm.txt" 2>/dev/null | tee -a "$summary"
+tar czf "$OUT/verify.tgz" -C "$W" . 2>/dev/null
+log "== done in $SECONDS s"
