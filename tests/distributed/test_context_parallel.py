@@ -308,7 +308,10 @@ def _worker(rank: int, world: int, store: str, out_dir: str, backend: str, cases
         # the other ranks would otherwise wait in a collective until the timeout.
         for c in cases:
             case = Case(**c)
-            results[case.name] = _run_case(case, world, rank, device)
+            try:
+                results[case.name] = _run_case(case, world, rank, device)
+            except Exception as e:  # name the case: one spawn runs them all and pytest shows only the first id
+                raise RuntimeError(f"rank {rank}, case {case.name}: {type(e).__name__}: {e}") from e
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.barrier()
     finally:
