@@ -103,6 +103,10 @@ def _per_head_bias(bias: float | torch.Tensor, nheads: int, device: torch.device
     # never evicted: a captured CUDA graph may hold a pointer to one.
     with torch.inference_mode(False):
         t = torch.full((nheads,), bias, dtype=torch.float32, device=device)
+    if device.type == "cuda":
+        # Once per entry: the fill is queued on this stream, and a later call on another stream would otherwise
+        # read the tensor with no ordering after it.
+        torch.cuda.current_stream(device).synchronize()
     _BIAS_CACHE[key] = t
     return t
 

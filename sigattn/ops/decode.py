@@ -386,7 +386,10 @@ def append_kv(
 # and one int32 ticket counter per (sequence, kv head, m block), zero between launches (the last program of each
 # counter resets it). Launches on one stream run in order, so they share them with no per-call allocation or zero
 # fill (a fill would be a second launch); launches on two streams at once get one each. Partials over
-# _SCRATCH_KEEP elements (64 MiB) are allocated per call instead of kept.
+# _SCRATCH_KEEP elements (64 MiB) are allocated per call instead of kept. Under CUDA graph capture every call
+# allocates its own (from the graph's private pool, counters zeroed by a captured memset): a kept buffer would be
+# freed when a later call grows it, leaving the graph's pointer dangling, and two graphs replayed on two streams
+# would share one set of tickets.
 _scratch: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 _SCRATCH_KEEP = 1 << 24
 
@@ -395,6 +398,9 @@ def _split_scratch(device: torch.device, ws_numel: int, n_counters: int) -> tupl
     """(fp32 workspace of at least ws_numel elements, zeroed int32 counters of at least n_counters)."""
     if device.type == "cuda":
         idx = device_index(device)
+        if torch.cuda.is_current_stream_capturing():
+            return (torch.empty(ws_numel, dtype=torch.float32, device=device),
+                    torch.zeros(n_counters, dtype=torch.int32, device=device))
         key = (idx, torch._C._cuda_getCurrentRawStream(idx))
     else:
         key = (-1, 0)
@@ -403,7 +409,8 @@ def _split_scratch(device: torch.device, ws_numel: int, n_counters: int) -> tupl
         counters = torch.zeros(next_pow2(max(n_counters, 64)), dtype=torch.int32, device=device)
     if ws_numel > _SCRATCH_KEEP:
         big = torch.empty(ws_numel, dtype=torch.float32, device=device)
-        _scratch[key] = (ws if ws is not None else big[:0], counters)
+        # Not big[:0]: a view would keep the large storage alive in the cache.
+        _scratch[key] = (ws if ws is not None else torch.empty(0, dtype=torch.float32, device=device), counters)
         return big, counters
     if ws is None or ws.numel() < ws_numel:
         ws = torch.empty(next_pow2(max(ws_numel, 1 << 16)), dtype=torch.float32, device=device)

@@ -494,3 +494,47 @@ def test_gpu_decode_api_never_syncs(page, device):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+def test_gpu_split_decode_in_cuda_graph(device):
+    """A captured split-KV decode has its own partials and tickets: after warm-up on the capture stream, later eager
+    calls there that grow (and free) that stream's kept scratch, and small allocations that may reuse the freed
+    memory, replays still write the eager result (a dangling ticket counter would leave the output unwritten)."""
+    from sigattn.ops import decode
+
+    q, kc, vc, kn, vn, seqlens, bias, _ = make_case(1, 1, 1, 32, 8, 128, [3000], 4096, torch.bfloat16, device)
+    args = (bias, 128**-0.5, True, -1, 0, None, "fast")
+    want = sigmoid_attn_kvcache(q, kc, vc, kn, vn, seqlens, None, *args, num_splits=16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        sigmoid_attn_kvcache(q, kc, vc, kn, vn, seqlens, None, *args, num_splits=16)  # warm-up: keeps scratch
+    s.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        got = sigmoid_attn_kvcache(q, kc, vc, kn, vn, seqlens, None, *args, num_splits=16)
+    big = make_case(16, 1, 1, 32, 8, 128, [3000] * 16, 4096, torch.bfloat16, device)
+    with torch.cuda.stream(s):
+        sigmoid_attn_kvcache(*big[:6], None, big[6], *args[1:], num_splits=33)  # 128 counters, larger partials
+        junk = [torch.full((64,), -1, dtype=torch.int32, device=device) for _ in range(256)]
+    torch.cuda.synchronize()
+    for _ in range(3):
+        got.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+    assert all(int((t == -1).all()) for t in junk)
+    assert all(int(c.abs().sum()) == 0 for _, c in decode._scratch.values())
+
+
+def test_large_partials_are_not_kept(monkeypatch):
+    """Partials over _SCRATCH_KEEP elements are per call: the kept entry holds none of their storage."""
+    from sigattn.ops import decode
+
+    monkeypatch.setattr(decode, "_scratch", {})
+    monkeypatch.setattr(decode, "_SCRATCH_KEEP", 1 << 10)
+    ws, counters = decode._split_scratch(torch.device("cpu"), 1 << 12, 8)
+    assert ws.numel() >= 1 << 12 and counters.numel() >= 8 and int(counters.abs().sum()) == 0
+    kept_ws, kept_counters = decode._scratch[(-1, 0)]
+    assert kept_ws.untyped_storage().nbytes() < ws.untyped_storage().nbytes() and kept_counters is counters
