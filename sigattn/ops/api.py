@@ -114,6 +114,26 @@ def _per_head_bias(bias: float | torch.Tensor, nheads: int, device: torch.device
 _BIAS_CACHE: dict[tuple[float, int, torch.device], torch.Tensor] = {}
 
 
+def _check_dense_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: object, scale: object, causal: object,
+    window_size: object, alibi_slopes: object, deterministic: object, sigmoid_impl: object, backend: object,
+) -> tuple[int, int, int, float, float | torch.Tensor, tuple[int, int], torch.Tensor | None]:
+    """The dense form's argument checks after the tensors' own (shared by the function and its backward):
+    (batch, nheads_q, seqlen_k, scale, bias, window, alibi) with the defaults filled in."""
+    b = q.shape[0]
+    check_batch_and_seqlen(q.shape, k.shape, v.shape, 1, "q,k,v")
+    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "q,k,v")
+    sk = k.shape[1]
+    scale = check_scale(scale, d)
+    bias = check_bias(bias, hq, q.device, -math.log(sk) if sk > 0 else 0.0)
+    window = check_window(window_size, causal)
+    alibi = check_alibi(alibi_slopes, b, hq, q.device)
+    check_flag("deterministic", deterministic)
+    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
+    check_choice("backend", backend, BACKENDS)
+    return b, hq, sk, scale, bias, window, alibi
+
+
 def sigmoid_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -175,17 +195,9 @@ def sigmoid_attn_func(
     check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
     check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
     check_same({"q": q, "k": k, "v": v})
-    b = q.shape[0]
-    check_batch_and_seqlen(q.shape, k.shape, v.shape, 1, "q,k,v")
-    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "q,k,v")
-    sk = k.shape[1]
-    scale = check_scale(scale, d)
-    bias = check_bias(bias, hq, q.device, -math.log(sk) if sk > 0 else 0.0)
-    window = check_window(window_size, causal)
-    alibi = check_alibi(alibi_slopes, b, hq, q.device)
-    check_flag("deterministic", deterministic)
-    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
-    check_choice("backend", backend, BACKENDS)
+    b, hq, sk, scale, bias, window, alibi = _check_dense_args(
+        q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl, backend
+    )
     backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, alibi))
     if q.numel() == 0 or sk == 0:
         return _empty_attention(q, k, v, bias)
@@ -243,17 +255,9 @@ def sigmoid_attn_backward(
     check_same({"q": q, "k": k, "v": v, "do": do})
     if do.shape[:-1] != q.shape[:-1] or do.shape[-1] != v.shape[-1]:
         raise ValueError(f"do must be shaped like the output {tuple(q.shape)}; got {tuple(do.shape)}")
-    b = q.shape[0]
-    check_batch_and_seqlen(q.shape, k.shape, v.shape, 1, "q,k,v")
-    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "q,k,v")
-    sk = k.shape[1]
-    scale = check_scale(scale, d)
-    bias = check_bias(bias, hq, q.device, -math.log(sk) if sk > 0 else 0.0)
-    window = check_window(window_size, causal)
-    alibi = check_alibi(alibi_slopes, b, hq, q.device)
-    check_flag("deterministic", deterministic)
-    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
-    check_choice("backend", backend, BACKENDS)
+    b, hq, sk, scale, bias, window, alibi = _check_dense_args(
+        q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl, backend
+    )
     check_flag("need_dbias", need_dbias)
     # No slope gradient either way, so slopes that require grad need not go to the reference here.
     backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, None if alibi is None else alibi.detach()))
