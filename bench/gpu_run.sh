@@ -50,11 +50,9 @@ PY
 test_rc=0
 if [[ -z "${SKIP_TESTS:-}" ]]; then
     echo "== pytest -m gpu"
-    # Triton compiles every kernel variant the tests touch (573 s on a cold machine in one process):
-    # pytest-xdist (in the GPU image) spreads the compiles over CPU cores; the GPU is shared.
-    xdist=()
-    if python -c "import xdist" 2>/dev/null; then xdist=(-n "${PYTEST_WORKERS:-8}"); fi
-    python -m pytest -m gpu -q -p no:cacheprovider "${xdist[@]}" ${PYTEST_ARGS:-tests} 2>&1 | tail -n 40
+    # Triton compiles every kernel variant the tests touch (573 s on a cold machine in one process): pytest-xdist
+    # (in the GPU image) spreads the compiles over CPU cores; bigmem tests run afterwards one at a time.
+    bash scripts/gpu_tests.sh ${PYTEST_ARGS:-tests} 2>&1 | tail -n 40
     test_rc=${PIPESTATUS[0]}
     # 5 = no test collected (no GPU tests yet): not a failure.
     if [[ $test_rc -eq 5 ]]; then test_rc=0; fi

@@ -5,13 +5,16 @@
 #   STAGES="tests bench host" bash bench/gpu_verify.sh
 #
 # Stages (in this order; each has its own time limit and is skipped when the budget is spent):
-#   tests   pytest -m gpu with xdist over tests/ops tests/nn tests/integrations (~2 min cold)
+#   tests   scripts/gpu_tests.sh over tests/ops tests/nn tests/integrations (xdist, then bigmem serially; ~2.5 min)
 #   gbwd    bench/gluon_bwd_check.py: the Gluon backward's correctness and timing (if present)
 #   bench   sigattn bench: Gluon/portable forward + backward vs SDPA flash and cuDNN, d 64/128, N 1k/4k/16k
 #   host    bench/host_overhead.py: host cost per call vs SDPA
 #   decode  the decode benchmark (kernel-level and API rows)
 #   varlen  bench/varlen_bench.py, d=128 non-causal, equal and mixed packs
-#   lm      the LM training-throughput probe (softmax vs sigmoid alone, 300 steps each)
+#   lm      the LM training-throughput probe (softmax vs sigmoid alone, 300 steps each, eager)
+#   lmc     the same under torch.compile (--compile)
+# Bench knobs: BENCH_SEQLENS (default 1k,4k,16k), BENCH_PROVIDERS (default Gluon/portable/SDPA flash/cuDNN); peers
+# shipped as wheels in .whl/ (carry it: triton-sigmoid) are installed to /tmp/site first.
 # The device tool returns at most 8 files from $OUT: everything goes into $OUT/verify.tgz plus $OUT/summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +22,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu_out}"
 W="$(mktemp -d)"
 BUDGET="${BUDGET:-570}"
-STAGES="${STAGES:-tests gbwd bench host decode varlen lm}"
+STAGES="${STAGES:-tests gbwd bench host decode varlen lm lmc}"
 summary="$OUT/summary.txt"
 mkdir -p "$OUT"
 : > "$summary"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 log() { echo "$*" | tee -a "$summary"; }
 
@@ -42,14 +49,15 @@ stage() {  # stage NAME LIMIT CMD...
 log "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 log "$(python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cudnn", torch.backends.cudnn.version())')"
 
-stage tests 240 python -m pytest -m gpu -q -p no:cacheprovider -n "${PYTEST_WORKERS:-8}" tests/ops tests/nn tests/integrations
-grep -E "^FAILED|^ERROR| passed| failed" "$W/tests.txt" 2>/dev/null | tail -n 15 | tee -a "$summary"
+stage tests 300 bash scripts/gpu_tests.sh tests/ops tests/nn tests/integrations
+grep -E "^FAILED|^ERROR| passed| failed|gpu tests:" "$W/tests.txt" 2>/dev/null | tail -n 20 | tee -a "$summary"
 if [[ -f bench/gluon_bwd_check.py ]]; then stage gbwd 150 python bench/gluon_bwd_check.py; fi
 tail -n 25 "$W/gbwd.txt" 2>/dev/null | tee -a "$summary"
-stage bench 150 python -m sigattn.bench --out "$W/bench" --modes fwd,bwd --headdims 64,128 --seqlens 1k,4k,16k \
-    --providers sigattn-triton,sigattn-triton-portable,sdpa-flash,sdpa-cudnn
+stage bench 200 python -m sigattn.bench --out "$W/bench" --modes fwd,bwd --headdims 64,128 \
+    --seqlens "${BENCH_SEQLENS:-1k,4k,16k}" \
+    --providers "${BENCH_PROVIDERS:-sigattn-triton,sigattn-triton-portable,sdpa-flash,sdpa-cudnn}"
 cat "$W/bench/table.txt" 2>/dev/null | tee -a "$summary"
-stage host 40 python bench/host_overhead.py
+stage host 60 python bench/host_overhead.py ${HOST_ARGS:-}
 head -n 12 "$W/host.txt" 2>/dev/null | tee -a "$summary"
 stage decode 100 python -m sigattn.bench.decode --out "$W/decode"
 grep -v "sigattn\[" "$W/decode/decode.md" 2>/dev/null | tee -a "$summary"
@@ -57,5 +65,7 @@ stage varlen 100 python bench/varlen_bench.py --out "$W/varlen" --ds 128 --causa
 cat "$W/varlen/table.md" 2>/dev/null | tee -a "$summary"
 PROBE_TASKS=lm SKIP_CHECK=1 SKIP_TESTS=1 OUT="$W/lm" stage lm 120 bash bench/gpu_probe.sh
 grep "^{" "$W/lm.txt" 2>/dev/null | tee -a "$summary"
+PROBE_TASKS=lm SKIP_CHECK=1 SKIP_TESTS=1 PROBE_ARGS=--compile OUT="$W/lmc" stage lmc 180 bash bench/gpu_probe.sh
+grep "^{" "$W/lmc.txt" 2>/dev/null | tee -a "$summary"
 tar czf "$OUT/verify.tgz" -C "$W" . 2>/dev/null
 log "== done in $SECONDS s"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,26 +131,38 @@ def _sigattn_check(backend: str) -> Check:
 def _sigattn_builder(backend: str, sigmoid_impl: str | None, gluon: bool = True) -> Builder:
     def build(shape: Shape, dtype: torch.dtype, device: torch.device, mode: str) -> BuildResult:
         import sigattn
-        from sigattn.ops import configs
 
         q, k, v = make_inputs(shape, dtype, device, "bnhd", _needs_grad(mode))
         kwargs: dict[str, Any] = {"causal": shape.causal, "backend": backend}
         if sigmoid_impl is not None:
             kwargs["sigmoid_impl"] = sigmoid_impl
+        if gluon:
+            return with_mode(lambda: sigattn.sigmoid_attn_func(q, k, v, **kwargs), (q, k, v), mode)
+        with _portable_only():  # the graph's forward (bwd mode) is recorded here; each step is wrapped below
+            prepared = with_mode(lambda: sigattn.sigmoid_attn_func(q, k, v, **kwargs), (q, k, v), mode)
 
-        def call() -> torch.Tensor:
-            if gluon:
-                return sigattn.sigmoid_attn_func(q, k, v, **kwargs)
-            was = configs.gluon_forward_enabled()
-            configs.set_gluon_forward(False)
-            try:
-                return sigattn.sigmoid_attn_func(q, k, v, **kwargs)
-            finally:
-                configs.set_gluon_forward(was)
+        def step() -> Any:
+            with _portable_only():
+                return prepared()
 
-        return with_mode(call, (q, k, v), mode)
+        return Prepared(step)
 
     return build
+
+
+@contextlib.contextmanager
+def _portable_only() -> Iterator[None]:
+    """Gluon forward and backward off (the portable Triton kernels serve every call), restored on exit."""
+    from sigattn.ops import configs
+
+    was = configs.gluon_forward_enabled(), configs.gluon_backward_enabled()
+    configs.set_gluon_forward(False)
+    configs.set_gluon_backward(False)
+    try:
+        yield
+    finally:
+        configs.set_gluon_forward(was[0])
+        configs.set_gluon_backward(was[1])
 
 
 def _sdpa_builder(shape: Shape, dtype: torch.dtype, device: torch.device, mode: str) -> BuildResult:
@@ -237,7 +249,7 @@ PROVIDERS: dict[str, Provider] = {
             "sigattn-triton-portable",
             _sigattn_builder("triton", None, gluon=False),
             "sigmoid",
-            description="sigattn portable Triton kernels only (no Gluon forward), sigmoid_impl='fast'",
+            description="sigattn portable Triton kernels only (no Gluon forward or backward), sigmoid_impl='fast'",
             check=_sigattn_check("triton"),
         ),
         Provider(

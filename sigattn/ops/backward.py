@@ -11,6 +11,8 @@ from sigattn.ops.configs import (
     backward_configs,
     cdiv,
     fp32_contiguous,
+    gluon_backward_enabled,
+    interpreting,
     launch_fitting,
     next_pow2,
     use_fused_dq,
@@ -482,10 +484,28 @@ def sigmoid_attn_bwd(
     """Launch the backward kernels. Shapes as `sigmoid_attn_fwd`; do like the output.
     Returns (dq, dk, dv, dbias) with dbias fp32 (Hq,) (zeros when not need_dbias). deterministic=True always
     runs the atomic-free two-kernel form (bitwise reproducible); otherwise `fused_dq` (default: per-arch
-    choice in configs.use_fused_dq) adds dQ with fp32 atomics inside the dK/dV kernel."""
+    choice in configs.use_fused_dq) adds dQ with fp32 atomics inside the dK/dV kernel.
+
+    On sm_90 the Gluon backward (gluon_backward.py) serves what it supports (bf16/fp16, D 64/128, packed heads, no
+    window or ALiBi, scalar or per-head bias) unless deterministic, a config / TMA / dQ form is forced, or
+    configs.set_gluon_backward(False)."""
+    if (not deterministic and configs is None and use_tma is None and fused_dq is None and alibi_slopes is None
+            and window_left < 0 and (window_right < 0 or causal) and bias.dim() <= 1 and _gluon_bwd_ready(q)):
+        from sigattn.ops.gluon_backward import gluon_bwd_supports, gluon_dense_bwd
+
+        if gluon_bwd_supports(do, q, k, v) is None:
+            dq, dk, dv, dbias = gluon_dense_bwd(do, q, k, v, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias)
+            return dq, dk, dv, _zeros_if_none(dbias, bias, q)
     dq, dk, dv, dbias = launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes,
                                    deterministic, sigmoid_impl, configs, use_tma, need_dbias, fused_dq, None)
     return dq, dk, dv, _zeros_if_none(dbias, bias, q)
+
+
+def _gluon_bwd_ready(q: torch.Tensor) -> bool:
+    """Cheap pre-checks before importing the Gluon module (GPU-only; never under the interpreter). Head dims 64 and
+    128: there the Gluon backward ran 1.09-1.20x cuDNN and 1.09-1.38x the portable kernels (bench/NOTES.md, v7)."""
+    return (q.is_cuda and gluon_backward_enabled() and not interpreting()
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128))
 
 
 def sigmoid_attn_varlen_bwd(

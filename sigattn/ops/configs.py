@@ -345,6 +345,26 @@ def set_gluon_forward(enabled: bool) -> None:
     _gluon_forward = enabled
 
 
+# The Gluon backward (sigattn/ops/gluon_backward.py: TMA producer warp, two wgmma consumer warpgroups per 128 keys,
+# dQ by TMA reduce-adds) serves sm_90, bf16/fp16, head dims 64 and 128, no window/ALiBi, when not deterministic
+# (dQ's fp32 adds land in any order; dK/dV are bitwise reproducible). SIGATTN_GLUON_BWD=0 (or
+# set_gluon_backward(False)) keeps every backward on the portable Triton kernels.
+_gluon_backward = os.environ.get("SIGATTN_GLUON_BWD", "1") != "0"
+
+
+def gluon_backward_enabled() -> bool:
+    """Whether dense backwards the Gluon kernel supports go to it."""
+    return _gluon_backward
+
+
+def set_gluon_backward(enabled: bool) -> None:
+    """Route supported dense backwards to the Gluon kernel (True, the default) or keep the portable kernels."""
+    global _gluon_backward
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool; got {type(enabled).__name__}")
+    _gluon_backward = enabled
+
+
 def launch_fitting(kernel, grid: tuple[int, ...], *args, num_stages: int, **kwargs) -> None:
     """kernel[grid](*args, num_stages=num_stages, **kwargs), retried with one pipeline stage fewer each time Triton
     reports that the compiled kernel needs more shared memory than the GPU has. A safety net, not the plan: the sm_90

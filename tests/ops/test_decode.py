@@ -402,6 +402,7 @@ def test_gpu_auto_uses_the_kernel(device, monkeypatch):
     assert calls
 
 
+@pytest.mark.bigmem
 @pytest.mark.gpu
 def test_gpu_int64_addressing_paged(device):
     """A paged pool of > 2^31 elements; the sequence lives in its last blocks."""
@@ -481,8 +482,7 @@ def test_gpu_decode_api_never_syncs(page, device):
     kc, vc = torch.randn_like(kc), torch.randn_like(vc)  # no NaN past the lengths: the bad ones attend there
     table = None
     if page is not None:
-        kc, table = paged_copy(kc, page)
-        vc = paged_copy(vc, page)[0]
+        kc, vc, table = paged_pair(kc, vc, page)  # one table for both pools
     bad = torch.tensor([500, -3], dtype=torch.int32, device=device)
     for lens in (seqlens, bad):
         sigattn.sigmoid_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table, bias=-4.0)

@@ -45,7 +45,8 @@ def test_gluon_backward(case, impl):
     b64 = bias.double().requires_grad_()
     o64 = sigmoid_attn(q64, k64, v64, scale=scale, bias=b64, causal=causal)
     ref = torch.autograd.grad(o64, (q64, k64, v64, b64), do.double())
-    portable = sigmoid_attn_bwd(do, q, k, v, bias, scale, causal, -1, -1, None, False, impl, need_dbias=True)
+    portable = sigmoid_attn_bwd(do, q, k, v, bias, scale, causal, -1, -1, None, False, impl, need_dbias=True,
+                                fused_dq=True)  # a forced dQ form keeps the portable kernels
     for name, x, p, r in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, db), portable, ref):
         assert not torch.isnan(x).any(), name
         err, err_portable = _rel(x, r), _rel(p, r)
@@ -64,6 +65,38 @@ def test_gluon_backward_fp16_scalar_bias():
     bias = -math.log(300)
     dq, dk, dv, db = gluon_dense_bwd(do, q, k, v, bias, 128**-0.5, True, "fast")
     portable = sigmoid_attn_bwd(do, q, k, v, torch.full((4,), bias, device="cuda"), 128**-0.5, True, -1, -1, None,
-                                False, "fast")
+                                False, "fast", fused_dq=True)
     for x, p in zip((dq, dk, dv, db), portable):
         assert torch.allclose(x.float(), p.float(), rtol=2e-2, atol=2e-2 * p.float().abs().max().item())
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_autograd_dispatches_to_gluon_unless_disabled(d, monkeypatch):
+    """sigmoid_attn_func's backward runs the Gluon kernel on sm_90 (bf16, d 64/128, no window/ALiBi); deterministic,
+    ALiBi or set_gluon_backward(False) keep the portable kernels; every form gives the same gradients."""
+    import sigattn
+    from sigattn.ops import configs, gluon_backward
+
+    calls = []
+    real = gluon_backward.gluon_dense_bwd
+    monkeypatch.setattr(gluon_backward, "gluon_dense_bwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = (torch.randn(2, 257, 4, d, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def grads(**kw):
+        out = sigattn.sigmoid_attn_func(q, k, v, causal=True, **kw)
+        return torch.autograd.grad(out, (q, k, v), do)
+
+    gluon = grads()
+    assert len(calls) == 1
+    portable = grads(deterministic=True)
+    assert len(calls) == 1
+    configs.set_gluon_backward(False)
+    try:
+        off = grads()
+    finally:
+        configs.set_gluon_backward(True)
+    assert len(calls) == 1
+    for g, p, o in zip(gluon, portable, off):
+        torch.testing.assert_close(g.float(), p.float(), rtol=2e-2, atol=2e-2 * p.float().abs().max().item())
+        torch.testing.assert_close(o.float(), p.float(), rtol=2e-2, atol=2e-2 * p.float().abs().max().item())

@@ -272,6 +272,7 @@ def mixed_lengths(total: int, seed: int) -> list[int]:
     return lens
 
 
+@pytest.mark.bigmem
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
