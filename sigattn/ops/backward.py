@@ -493,6 +493,7 @@ def sigmoid_attn_bwd(
             and window_left < 0 and (window_right < 0 or causal) and bias.dim() <= 1 and _gluon_bwd_ready(q)):
         from sigattn.ops.gluon_backward import gluon_bwd_supports, gluon_dense_bwd
 
+        do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
         if gluon_bwd_supports(do, q, k, v) is None:
             dq, dk, dv, dbias = gluon_dense_bwd(do, q, k, v, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias)
             return dq, dk, dv, _zeros_if_none(dbias, bias, q)
