@@ -13,6 +13,7 @@
 #   varlen  bench/varlen_bench.py, d=128 non-causal, equal and mixed packs
 #   lm      the LM training-throughput probe (softmax vs sigmoid alone, 300 steps each, eager)
 #   lmc     the same under torch.compile (--compile)
+#   lmg     the same under torch.compile with CUDA graphs (--compile reduce-overhead: no per-op host cost)
 # Bench knobs: BENCH_SEQLENS (default 1k,4k,16k), BENCH_PROVIDERS (default Gluon/portable/SDPA flash/cuDNN); peers
 # shipped as wheels in .whl/ (carry it: triton-sigmoid) are installed to /tmp/site first.
 # The device tool returns at most 8 files from $OUT: everything goes into $OUT/verify.tgz plus $OUT/summary.txt.
@@ -22,7 +23,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu_out}"
 W="$(mktemp -d)"
 BUDGET="${BUDGET:-570}"
-STAGES="${STAGES:-tests gbwd bench host decode varlen lm lmc}"
+STAGES="${STAGES:-tests gbwd bench host decode varlen lm lmc lmg}"
 summary="$OUT/summary.txt"
 mkdir -p "$OUT"
 : > "$summary"
@@ -67,5 +68,8 @@ PROBE_TASKS=lm SKIP_CHECK=1 SKIP_TESTS=1 OUT="$W/lm" stage lm 120 bash bench/gpu
 grep "^{" "$W/lm.txt" 2>/dev/null | tee -a "$summary"
 PROBE_TASKS=lm SKIP_CHECK=1 SKIP_TESTS=1 PROBE_ARGS=--compile OUT="$W/lmc" stage lmc 180 bash bench/gpu_probe.sh
 grep "^{" "$W/lmc.txt" 2>/dev/null | tee -a "$summary"
+PROBE_TASKS=lm SKIP_CHECK=1 SKIP_TESTS=1 PROBE_ARGS="--compile reduce-overhead" OUT="$W/lmg" stage lmg 180 \
+    bash bench/gpu_probe.sh
+grep "^{" "$W/lmg.txt" 2>/dev/null | tee -a "$summary"
 tar czf "$OUT/verify.tgz" -C "$W" . 2>/dev/null
 log "== done in $SECONDS s"

@@ -29,8 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the size's)")
     parser.add_argument("--out", default=None, help="output directory (default: runs/<task>-<size>)")
     parser.add_argument("--resume", action="store_true", help="continue each variant from its checkpoint")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the training step (diagnostic steps and evaluation stay eager)")
+    parser.add_argument("--compile", nargs="?", const="default", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        metavar="MODE",
+                        help="torch.compile the training forward/backward, optionally with a torch.compile mode "
+                        "(reduce-overhead: CUDA graphs, no per-call host cost); diagnostic steps and evaluation stay "
+                        "eager")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the table and curves of the variants whose summary.json is in --out "
                         "(e.g. runs made by separate processes or machines)")

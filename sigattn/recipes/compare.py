@@ -26,7 +26,7 @@ def run_comparison(
     amp: bool = True,
     progress: bool = True,
     plot: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
     context_parallel: int = 1,
 ) -> list[dict[str, Any]]:
     """Train each variant (same recipe, seed, data order and steps) into out_dir/<variant>/, then write the report.

@@ -210,6 +210,20 @@ def _norm_step(step: int, every: int) -> bool:
     return step % every == 0 or (step < every and step & (step - 1) == 0)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode_of(compile: bool | str | None) -> str | None:
+    """The torch.compile mode a `compile` argument asks for: None (eager) for False/None, "default" for True."""
+    if compile is None or compile is False:
+        return None
+    if compile is True:
+        return "default"
+    if not isinstance(compile, str) or compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be a bool or one of {COMPILE_MODES}; got {compile!r}")
+    return compile
+
+
 def lr_factor(step: int, recipe: Recipe) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to min_lr_ratio at `steps`."""
     if step < recipe.warmup:
@@ -361,7 +375,7 @@ def train(
     amp: bool = True,
     progress: bool = True,
     stop_at: int | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     context_parallel: int = 1,
 ) -> dict[str, Any]:
     """Train `variant` under `recipe` into out_dir; returns the run's summary (also written to summary.json).
@@ -378,8 +392,9 @@ def train(
     data.load_images). backend: the sigmoid attention backend. amp: bfloat16 autocast on CUDA (no effect on
     CPU). stop_at: stop after this many steps, checkpointed, as an interruption would (for tests). compile:
     torch.compile the training forward/backward (the models are elementwise-bound in eager mode: fp32 norms,
-    LayerScale, RoPE); the steps that record attention diagnostics and the evaluations run eagerly on the same
-    weights.
+    LayerScale, RoPE): True or "default", or a torch.compile mode ("reduce-overhead" replays CUDA graphs, which
+    removes the per-call host cost of every op); the steps that record attention diagnostics and the evaluations
+    run eagerly on the same weights.
     context_parallel: ranks per sequence (LM only; default 1): under torchrun, groups of this many consecutive
     ranks each hold a zigzag shard of every sequence and run the attention as a ring (sigattn.distributed);
     the batch is split over world / context_parallel replicas. Same losses as without it (up to rounding);
@@ -428,7 +443,9 @@ def train(
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     # Diagnostics hooks and evaluation use the eager module (hooks would force recompiles); same parameters.
-    step_model: nn.Module = torch.compile(ddp_model) if compile else ddp_model
+    compile_mode = compile_mode_of(compile)
+    step_model: nn.Module = (torch.compile(ddp_model, mode=None if compile_mode == "default" else compile_mode)
+                             if compile_mode else ddp_model)
 
     use_amp = amp and dev.type == "cuda"
 
@@ -443,7 +460,7 @@ def train(
     params = sum(p.numel() for p in model.parameters())
     log({"kind": "config", "step": start, "variant": dataclasses.asdict(variant), "recipe": dataclasses.asdict(recipe),
          "seed": seed, "device": str(dev), "world": dist.world, "context_parallel": dist.cp, "amp": use_amp,
-         "compile": compile, "params": params,
+         "compile": compile_mode_of(compile) or False, "params": params,
          "resumed": start > 0, **task.data_info()})
     end = recipe.steps if stop_at is None else min(stop_at, recipe.steps)
     if dev.type == "cuda":
@@ -542,7 +559,7 @@ def train(
     summary = summarize(read_log(log_path)) if dist.main else {}
     summary.update({
         "variant": variant.name, "task": recipe.task, "size": recipe.size, "steps": recipe.steps,
-        "diverged": diverged, "params": params, "device": str(dev), "world": dist.world, "compile": compile,
+        "diverged": diverged, "params": params, "device": str(dev), "world": dist.world, "compile": compile_mode_of(compile) or False,
     })
     if steps_timed and train_time > 0:
         # Only this invocation's steps after its first ones (a resumed run times its own part); eval and

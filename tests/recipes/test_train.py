@@ -199,3 +199,29 @@ def test_truncate_log_drops_what_the_resumed_run_redoes(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     train_mod._truncate_log(path, 4)
     assert [(r["kind"], r["step"]) for r in read_log(path)] == [("train", 3), ("attn_norm", 3), ("train", 4)]
+
+
+def test_compile_modes():
+    from sigattn.recipes.train import COMPILE_MODES, compile_mode_of
+
+    assert compile_mode_of(False) is None and compile_mode_of(None) is None
+    assert compile_mode_of(True) == "default"
+    for mode in COMPILE_MODES:
+        assert compile_mode_of(mode) == mode
+    with pytest.raises(ValueError, match="compile must be a bool or one of"):
+        compile_mode_of("fast")
+
+
+def test_cli_compile_flag_takes_an_optional_mode():
+    import argparse
+
+    from sigattn.recipes import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    task = ["lm"]
+    assert parser.parse_args(task).compile is None
+    assert parser.parse_args(task + ["--compile"]).compile == "default"
+    assert parser.parse_args(task + ["--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        parser.parse_args(task + ["--compile", "fast"])
