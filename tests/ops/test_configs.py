@@ -50,19 +50,3 @@ def test_every_default_config_fits_sm90() -> None:
                    "assert not bad", timeout=3600)
     assert not out.strip()
 
-
-@pytest.mark.parametrize("name", ["set_gluon_forward", "set_gluon_backward"])
-def test_gluon_switches_take_bools(name):
-    from sigattn.ops import configs
-
-    setter = getattr(configs, name)
-    getter = getattr(configs, name.replace("set_", "") + "_enabled")
-    was = getter()
-    with pytest.raises(TypeError, match="enabled must be a bool"):
-        setter("no")
-    try:
-        setter(not was)
-        assert getter() is (not was)
-    finally:
-        setter(was)
-    assert getter() is was

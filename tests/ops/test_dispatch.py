@@ -1,0 +1,90 @@
+"""Which kernel serves a backward call: the Gluon dispatch rules, checked on CPU with the kernels stubbed (the GPU
+tests in test_gluon_backward.py run the real thing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sigattn.ops import backward, configs, gluon_backward
+
+
+@pytest.mark.parametrize("name", ["set_gluon_forward", "set_gluon_backward"])
+def test_gluon_switches_take_bools(name):
+    setter = getattr(configs, name)
+    getter = getattr(configs, name.replace("set_", "") + "_enabled")
+    was = getter()
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        setter("no")
+    try:
+        setter(not was)
+        assert getter() is (not was)
+    finally:
+        setter(was)
+    assert getter() is was
+
+
+@pytest.fixture
+def routes(monkeypatch):
+    """Pretend to be an sm_90 GPU the Gluon backward supports; record which launcher each call reaches."""
+    seen: list[str] = []
+
+    def gluon(do, q, k, v, bias, scale, causal, impl, need_dbias=True):
+        seen.append("gluon")
+        assert do.is_contiguous()
+        z = torch.zeros_like(q)
+        return z, torch.zeros_like(k), torch.zeros_like(v), torch.zeros(q.shape[2]) if need_dbias else None
+
+    def portable(do, q, k, v, bias, *args):
+        seen.append("portable")
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+
+    monkeypatch.setattr(backward, "_gluon_bwd_ready", lambda q: configs.gluon_backward_enabled())
+    monkeypatch.setattr(gluon_backward, "gluon_bwd_supports", lambda do, q, k, v: None)
+    monkeypatch.setattr(gluon_backward, "gluon_dense_bwd", gluon)
+    monkeypatch.setattr(backward, "launch_bwd", portable)
+    return seen
+
+
+def _call(**kw):
+    q = torch.randn(1, 8, 2, 64)
+    k, v = torch.randn(1, 8, 1, 64), torch.randn(1, 8, 1, 64)
+    do = kw.pop("do", torch.randn(1, 8, 2, 64))
+    args = dict(bias=torch.zeros(2), scale=0.125, causal=True, window_left=-1, window_right=-1, alibi_slopes=None,
+                deterministic=False, sigmoid_impl="fast")
+    args.update(kw)
+    return backward.sigmoid_attn_bwd(do, q, k, v, **args)
+
+
+def test_default_backward_goes_to_gluon(routes):
+    dq, dk, dv, dbias = _call()
+    assert routes == ["gluon"]
+    assert dbias.shape == (2,)
+    _call(do=torch.randn(1, 8, 2, 64).transpose(1, 2).contiguous().transpose(1, 2))  # strided dO: made contiguous
+    _call(need_dbias=False)
+    assert routes == ["gluon"] * 3
+
+
+@pytest.mark.parametrize("kw", [
+    {"deterministic": True},
+    {"alibi_slopes": torch.ones(1, 2)},
+    {"window_left": 3},
+    {"causal": False, "window_right": 2},
+    {"fused_dq": True},
+    {"fused_dq": False},
+    {"use_tma": False},
+    {"bias": torch.zeros(1, 2)},
+], ids=["deterministic", "alibi", "window-left", "window-right", "fused-dq", "two-kernel", "use-tma", "batch-bias"])
+def test_what_keeps_the_portable_kernels(routes, kw):
+    _call(**kw)
+    assert routes == ["portable"]
+
+
+def test_switch_off_keeps_the_portable_kernels(routes):
+    configs.set_gluon_backward(False)
+    try:
+        _call()
+    finally:
+        configs.set_gluon_backward(True)
+    _call()
+    assert routes == ["portable", "gluon"]
