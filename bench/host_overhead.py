@@ -6,6 +6,8 @@
 At tiny shapes the GPU finishes long before the next launch, so wall time per call is the host path: argument
 checks, dispatch, autograd, the Triton launcher. Compared with SDPA's host path at the same shapes (on CPU with
 --stub the SDPA rows are CPU compute, not comparable). --profile: cProfile of each sigattn row, by cumulative time.
+cProfile sees only the calling thread: on CUDA, autograd runs backward nodes on its device thread, so a fwd+bwd row's
+profile misses the backward's Python; the "dense bwd (direct)" row runs the same launchers on the calling thread.
 """
 
 from __future__ import annotations
@@ -124,6 +126,24 @@ def main() -> None:
     def empty_fb():  # the .sum().backward() part alone
         (q * 1).sum().backward()
 
+    class _Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    def pynode_fb():  # the floor plus one Python autograd node (on CUDA it runs on autograd's device thread)
+        (_Identity.apply(q) * 1).sum().backward()
+
+    do = torch.randn_like(q)
+
+    def ours_bwd_direct():  # the backward launchers alone, on the calling thread, no autograd
+        sigattn.sigmoid_attn_backward(do, q, k, v, causal=True, bias=-6.2, need_dbias=False, backend=backend)
+
+
     rows = [
         ("dense fwd", ours_fwd, sdpa_fwd),
         ("dense fwd+bwd", ours_fb, sdpa_fb),
@@ -139,8 +159,12 @@ def main() -> None:
         a, s = per_call(ours, sync, args.n), per_call(sdpa, sync, args.n)
         print(f"  {name:22s} {a:9.1f} {s:9.1f} {a / s:7.2f}")
     print(f"  {'mul+sum+bwd (floor)':22s} {per_call(empty_fb, sync, args.n):9.1f}")
+    # Where the backward's host time goes: fwd+bwd - fwd - floor against the launchers called directly, and what one
+    # Python autograd node adds to the floor (autograd runs CUDA backward nodes on a device thread that needs the GIL).
+    print(f"  {'floor + Python node':22s} {per_call(pynode_fb, sync, args.n):9.1f}")
+    print(f"  {'dense bwd (direct)':22s} {per_call(ours_bwd_direct, sync, args.n):9.1f}")
     if args.profile:
-        for name, ours, _ in rows:
+        for name, ours, _ in rows + [("dense bwd (direct)", ours_bwd_direct, None)]:
             print(f"\n=== cProfile: {name}, 200 calls, by cumulative time ===")
             prof = cProfile.Profile()
             prof.runcall(lambda fn=ours: [fn() for _ in range(200)])

@@ -489,17 +489,40 @@ def sigmoid_attn_bwd(
     On sm_90 the Gluon backward (gluon_backward.py) serves what it supports (bf16/fp16, D 64/128, packed heads, no
     window or ALiBi, scalar or per-head bias) unless deterministic, a config / TMA / dQ form is forced, or
     configs.set_gluon_backward(False)."""
+    dq, dk, dv, dbias = dense_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes,
+                                  deterministic, sigmoid_impl, need_dbias, configs, use_tma, fused_dq)
+    return dq, dk, dv, _zeros_if_none(dbias, bias, q)
+
+
+def dense_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+    need_dbias: bool,
+    configs: tuple[AttnConfig, AttnConfig] | None = None,
+    use_tma: bool | None = None,
+    fused_dq: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """sigmoid_attn_bwd's dispatch (Gluon where it serves, else launch_bwd) with dbias None when not need_dbias:
+    the eager autograd path discards it, and a zero fill would cost a launch."""
     if (not deterministic and configs is None and use_tma is None and fused_dq is None and alibi_slopes is None
             and window_left < 0 and (window_right < 0 or causal) and bias.dim() <= 1 and _gluon_bwd_ready(q)):
         from sigattn.ops.gluon_backward import gluon_bwd_supports, gluon_dense_bwd
 
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
         if gluon_bwd_supports(do, q, k, v) is None:
-            dq, dk, dv, dbias = gluon_dense_bwd(do, q, k, v, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias)
-            return dq, dk, dv, _zeros_if_none(dbias, bias, q)
-    dq, dk, dv, dbias = launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes,
-                                   deterministic, sigmoid_impl, configs, use_tma, need_dbias, fused_dq, None)
-    return dq, dk, dv, _zeros_if_none(dbias, bias, q)
+            return gluon_dense_bwd(do, q, k, v, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias)
+    return launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
+                      sigmoid_impl, configs, use_tma, need_dbias, fused_dq, None)
 
 
 def _gluon_bwd_ready(q: torch.Tensor) -> bool:
@@ -628,7 +651,8 @@ def launch_bwd(
         BLOCK_MAJOR=cfg_kv.block_major, num_warps=cfg_kv.num_warps, num_stages=cfg_kv.num_stages, **common,
     )
     if fused:
-        dq = (dq * scale).to(q.dtype)
+        # One launch (multiply in fp32, round on store) instead of a multiply and a cast: bitwise the same.
+        dq = torch.mul(dq, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
     else:
         descs = [tma_view(k, cfg_q.block_n), tma_view(v, cfg_q.block_n)] if use_tma else [None]
         tma_q = all(x is not None for x in descs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from sigattn.ops import backward
 from sigattn.ops.backward import launch_bwd, sigmoid_attn_bwd, sigmoid_attn_varlen_bwd
 from sigattn.ops.forward import Varlen, sigmoid_attn_fwd, sigmoid_attn_varlen_fwd
 
@@ -153,9 +154,10 @@ class _DenseFn(torch.autograd.Function):
         q, k, v, bias, alibi_slopes = ctx.saved_tensors
         scale, causal, window_left, window_right, deterministic, sigmoid_impl = ctx.args
         need_dbias = bool(ctx.needs_input_grad[3])
-        dq, dk, dv, dbias = launch_bwd(
+        # The op's dispatch (the Gluon backward where it serves), without the dbias zero fill.
+        dq, dk, dv, dbias = backward.dense_bwd(
             do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl,
-            None, None, need_dbias, None, None,
+            need_dbias,
         )
         return dq, dk, dv, (dbias.to(bias.dtype) if need_dbias else None), None, None, None, None, None, None, None
 

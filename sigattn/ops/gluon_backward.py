@@ -340,6 +340,6 @@ def gluon_dense_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         BLOCK_N=BLOCK_N, STAGES=stages, CONSUMER_REGS=regs,
         num_warps=4, maxnreg=(65536 // (32 * nwarps)) // 8 * 8,
     )
-    dq = (dq_acc * scale).to(q.dtype)
+    dq = torch.mul(dq_acc, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))  # one launch, bitwise
     dbias = dbias_part.sum(dim=(0, 2, 3)) if need_dbias else None
     return dq, dk, dv, dbias
