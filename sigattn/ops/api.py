@@ -342,7 +342,7 @@ def sigmoid_attn_varlen_func(
     key block of a sequence; the grid is sized by the longest sequence and blocks past a shorter one's end idle)
     and the reference elsewhere. "triton" serves what it serves for sigmoid_attn_func (float16, bfloat16 and
     float32, head dims 16-256, alibi_slopes without grad) and raises for the rest. Validation reads cu_seqlens on
-    the host (one device sync per call).
+    the host (one device sync per call; one tensor passed as both cu_seqlens_q and cu_seqlens_k is read once).
 
     Returns:
         out: (total_q, nheads, headdim), dtype of q.
@@ -355,7 +355,9 @@ def sigmoid_attn_varlen_func(
         raise ValueError(f"k and v must share one total_k; got {k.shape[0]} and {v.shape[0]}")
     hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 1, "q,k,v")
     cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    # Self-attention passes one tensor for both: its checks and values hold for k too (one device read, not two).
+    same_cu = cu_seqlens_k is cu_seqlens_q and k.shape[0] == q.shape[0]
+    cu_k = cu_q if same_cu else check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if len(cu_q) != len(cu_k):
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1); got {len(cu_q)} and {len(cu_k)}"
