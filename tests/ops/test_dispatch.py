@@ -88,3 +88,19 @@ def test_switch_off_keeps_the_portable_kernels(routes):
         configs.set_gluon_backward(True)
     _call()
     assert routes == ["portable", "gluon"]
+
+
+@pytest.mark.parametrize("through_op", [False, True])
+def test_autograd_paths_reach_the_dispatch(routes, through_op):
+    """Eager autograd (the autograd.Function that skips the custom op) and the custom op's registered backward
+    both go through sigmoid_attn_bwd's dispatch (eager once called the portable launcher directly)."""
+    import sigattn
+
+    q = torch.randn(1, 8, 2, 64, requires_grad=True)
+    k, v = (torch.randn(1, 8, 1, 64, requires_grad=True) for _ in range(2))
+    if through_op:
+        out = torch.ops.sigattn.dense_fwd(q, k, v, torch.zeros(2), 0.125, True, -1, 0, None, False, "fast")
+    else:
+        out = sigattn.sigmoid_attn_func(q, k, v, causal=True, backend="triton")
+    out.sum().backward()
+    assert routes == ["gluon"]
