@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -342,7 +344,8 @@ def sigmoid_attn_varlen_func(
     key block of a sequence; the grid is sized by the longest sequence and blocks past a shorter one's end idle)
     and the reference elsewhere. "triton" serves what it serves for sigmoid_attn_func (float16, bfloat16 and
     float32, head dims 16-256, alibi_slopes without grad) and raises for the rest. Validation reads cu_seqlens on
-    the host (one device sync per call; one tensor passed as both cu_seqlens_q and cu_seqlens_k is read once).
+    the host once per tensor version (a device sync; later calls with the same, unmodified tensor — every layer of
+    a model — reuse the values; an in-place change made through PyTorch is seen, a write that bypasses it is not).
 
     Returns:
         out: (total_q, nheads, headdim), dtype of q.
@@ -395,15 +398,24 @@ def sigmoid_attn_varlen_func(
             )
 
 
-def _varlen_bias(bias: float | torch.Tensor | None, cu_k: list[int], nheads: int, device: torch.device) -> torch.Tensor:
+def _varlen_bias(bias: float | torch.Tensor | None, cu_k: Sequence[int], nheads: int,
+                 device: torch.device) -> torch.Tensor:
     """The varlen kernels' float32 (batch, nheads) bias: None is each sequence's -log(seqlen_k) (0 without keys,
     where any value gives 0); a float or (nheads,) tensor is shared, its gradient summed back through expand."""
     batch = len(cu_k) - 1
     if bias is None:
-        lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
-        per_seq = torch.tensor([-math.log(n) if n > 0 else 0.0 for n in lens], dtype=torch.float32, device=device)
-        return per_seq[:, None].expand(batch, nheads)
+        build = _default_varlen_bias.__wrapped__ if torch.compiler.is_compiling() else _default_varlen_bias
+        return build(tuple(cu_k), device)[:, None].expand(batch, nheads)
     return _per_head_bias(bias, nheads, device).expand(batch, nheads)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_varlen_bias(cu_k: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """-log(seqlen_k) per sequence (0 without keys), float32 on device; cached per packing, since building it copies
+    from host memory, which waits for the device (every layer of a model passes the same packing). Read-only: the
+    kernels only read it, and no gradient flows to it."""
+    lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    return torch.tensor([-math.log(n) if n > 0 else 0.0 for n in lens], dtype=torch.float32, device=device)
 
 
 def sigmoid_attn_with_kvcache(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -163,8 +164,9 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
-def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> list[int]:
-    """int32 1-D, starts at 0, non-decreasing, ends at `total`; returns it as a host list (one sync)."""
+def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) -> tuple[int, ...]:
+    """int32 1-D, starts at 0, non-decreasing, ends at `total`; returns its values on the host (see cu_seqlens_values:
+    one device read per tensor version)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor of shape (batch + 1,); got {type(cu).__name__}")
     if cu.dtype != torch.int32:
@@ -173,17 +175,58 @@ def check_cu_seqlens(name: str, cu: object, total: int, device: torch.device) ->
         raise ValueError(f"{name} must have shape (batch + 1,); got {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on the inputs' device {device}; got {cu.device}")
-    vals = cu.tolist()
+    vals = cu_seqlens_values(cu)
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0; got {vals[0]}")
     if any(b < a for a, b in zip(vals, vals[1:])):
-        raise ValueError(f"{name} must be non-decreasing; got {vals}")
+        raise ValueError(f"{name} must be non-decreasing; got {list(vals)}")
     if vals[-1] != total:
         raise ValueError(f"{name}[-1] must equal the total number of packed tokens ({total}); got {vals[-1]}")
     return vals
 
 
-def check_max_seqlen(name: str, value: object, cu: list[int]) -> int:
+# Host copies of cu_seqlens tensors, keyed by the tensor's identity and checked against its version counter: every
+# layer of a model passes the same cu_seqlens tensor, and reading it back is a device sync that stalls the host
+# (the first call of a step reads it; the others reuse the values). An in-place change made through PyTorch bumps
+# the version and is read again; a write that bypasses PyTorch (raw pointers, DLPack) is not seen.
+_CU_VALUES: dict[int, tuple[weakref.ref, int, tuple[int, ...]]] = {}
+_CU_VALUES_SIZE = 64
+
+
+def _version_of(t: torch.Tensor) -> int | None:
+    """t's version counter, or None where t's values must not be cached (subclasses such as fake tensors,
+    inference-mode tensors, which have no version counter, and code being compiled)."""
+    if type(t) is not torch.Tensor or torch.compiler.is_compiling():
+        return None
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def cu_seqlens_values(cu: torch.Tensor) -> tuple[int, ...]:
+    """cu's values on the host: read from the device once per tensor version (a sync), then from the cache."""
+    version = _version_of(cu)
+    key = id(cu)
+    if version is not None:
+        hit = _CU_VALUES.get(key)
+        if hit is not None and hit[0]() is cu and hit[1] == version:
+            return hit[2]
+    vals = tuple(cu.tolist())
+    if version is not None:
+        if len(_CU_VALUES) >= _CU_VALUES_SIZE:
+            _CU_VALUES.pop(next(iter(_CU_VALUES)))
+
+        def drop(ref: weakref.ref, key: int = key) -> None:
+            entry = _CU_VALUES.get(key)
+            if entry is not None and entry[0] is ref:
+                del _CU_VALUES[key]
+
+        _CU_VALUES[key] = (weakref.ref(cu, drop), version, vals)
+    return vals
+
+
+def check_max_seqlen(name: str, value: object, cu: Sequence[int]) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int; got {type(value).__name__}")
     longest = max((b - a for a, b in zip(cu, cu[1:])), default=0)

@@ -448,3 +448,52 @@ def test_learnable_alibi_slopes_go_to_the_reference():
         sigmoid_attn_func(q, k, v, alibi_slopes=slopes, backend="triton")
     sigmoid_attn_func(q, k, v, alibi_slopes=slopes).sum().backward()
     assert slopes.grad is not None and torch.isfinite(slopes.grad).all()
+
+
+def test_cu_seqlens_read_once_per_tensor_version(monkeypatch):
+    """Every layer of a model passes the same cu_seqlens: its values are read from the device once per tensor version
+    (a sync each), and an in-place change made through PyTorch is read again (and validated again)."""
+    from sigattn.ops import validation
+
+    reads = []
+    real = validation.cu_seqlens_values
+
+    def counting(cu):
+        hit = validation._CU_VALUES.get(id(cu))
+        fresh = hit is None or hit[0]() is not cu or hit[1] != validation._version_of(cu)
+        reads.append(fresh)
+        return real(cu)
+
+    monkeypatch.setattr(validation, "cu_seqlens_values", counting)
+    q, k, v = (torch.randn(11, 2, 8, dtype=torch.float64) for _ in range(3))
+    cu = torch.tensor([0, 4, 4, 11], dtype=torch.int32)
+    want = sigmoid_attn_varlen_func(q, k, v, cu, cu, 7, 7)
+    for _ in range(3):
+        torch.testing.assert_close(sigmoid_attn_varlen_func(q, k, v, cu, cu, 7, 7), want, rtol=0, atol=0)
+    assert reads == [True, False, False, False]
+    cu[1] = 3  # in place: a new version, read and validated again
+    other = sigmoid_attn_varlen_func(q, k, v, cu, cu, 7, 7)
+    assert reads[-1] is True and not torch.equal(other, want)
+    cu[2] = 2  # now decreasing: the cached values must not hide it
+    with pytest.raises(ValueError, match="non-decreasing"):
+        sigmoid_attn_varlen_func(q, k, v, cu, cu, 7, 7)
+    # A new tensor with the same values is a new entry (read once); freed tensors leave the cache.
+    before = len(validation._CU_VALUES)
+    fresh = torch.tensor([0, 4, 4, 11], dtype=torch.int32)
+    sigmoid_attn_varlen_func(q, k, v, fresh, fresh, 7, 7)
+    assert reads[-1] is True and len(validation._CU_VALUES) == before + 1
+    del fresh
+    import gc
+
+    gc.collect()
+    assert len(validation._CU_VALUES) == before
+
+
+def test_cu_seqlens_of_inference_tensors_are_read_every_call():
+    from sigattn.ops import validation
+
+    with torch.inference_mode():
+        cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    assert validation._version_of(cu) is None
+    assert validation.cu_seqlens_values(cu) == (0, 3, 5)
+    assert id(cu) not in validation._CU_VALUES

@@ -66,3 +66,24 @@ def test_gpu_varlen_forward_backward_never_syncs(learn_bias, device):
     with no_sync():
         step()
     assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [None, -4.0])
+def test_gpu_varlen_api_second_call_never_syncs(bias, device):
+    """The public function reads a cu_seqlens tensor once (per version): the calls after the first — every later
+    layer of a model — make no sync, the default per-sequence bias included (cached per packing)."""
+    lens = [17, 0, 64, 33]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(sum(lens), 4, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+
+    def step():
+        out = sigattn.sigmoid_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, bias=bias)
+        out.sum().backward()
+
+    step()
+    with no_sync():
+        step()
+        step()
+    assert torch.isfinite(q.grad).all()
