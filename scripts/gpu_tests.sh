@@ -10,9 +10,9 @@ paths=("$@")
 (( ${#paths[@]} )) || paths=(tests)
 xdist=()
 if python -c "import xdist" 2>/dev/null; then xdist=(-n "${PYTEST_WORKERS:-8}"); fi
-python -m pytest -m "gpu and not bigmem" -q -p no:cacheprovider "${xdist[@]}" "${paths[@]}"
+python -m pytest -m "gpu and not bigmem" -q -p no:cacheprovider -o faulthandler_timeout=180 "${xdist[@]}" "${paths[@]}"
 a=$?
-python -m pytest -m "gpu and bigmem" -q -p no:cacheprovider "${paths[@]}"
+python -m pytest -m "gpu and bigmem" -q -p no:cacheprovider -o faulthandler_timeout=180 "${paths[@]}"
 b=$?
 (( a == 5 )) && a=0
 (( b == 5 )) && b=0
