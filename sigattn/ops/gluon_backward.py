@@ -278,8 +278,14 @@ def _rank3_desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
     return TensorDescriptor(t, [b, n, h * d], [t.stride(0), t.stride(1), 1], [1, rows, cols], layout)
 
 
+# CUDA limits a grid's y dimension to 65535; the kernel's is batch * nheads_kv.
+MAX_GRID_Y = 65535
+
+
 def gluon_bwd_supports(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """None if gluon_dense_bwd can serve these tensors, else why not (the forward's rules, do like q)."""
+    if k.dim() == 4 and k.shape[0] * k.shape[2] > MAX_GRID_Y:
+        return f"batch * kv heads must be at most {MAX_GRID_Y} (the grid's y dimension)"
     why = gluon_supports(q, k, v)
     if why is None and (do.shape != q.shape or do.dtype != q.dtype):
         why = "do must have q's shape and dtype"

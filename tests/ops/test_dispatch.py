@@ -104,3 +104,42 @@ def test_autograd_paths_reach_the_dispatch(routes, through_op):
         out = sigattn.sigmoid_attn_func(q, k, v, causal=True, backend="triton")
     out.sum().backward()
     assert routes == ["gluon"]
+
+
+def test_gluon_backward_refuses_grids_past_cuda_limit():
+    """batch * kv heads is the launch grid's y dimension (CUDA: at most 65535): past it the supports check says no,
+    so the dispatch keeps the portable kernels (checked before any device facts: runs on CPU tensors)."""
+    from sigattn.ops.gluon_backward import MAX_GRID_Y, gluon_bwd_supports
+
+    q = torch.empty(8192, 1, 8, 64)
+    k = v = torch.empty(8192, 1, 8, 64)
+    assert "grid" in gluon_bwd_supports(q, q, k, v)
+    assert MAX_GRID_Y == 65535
+
+
+def test_launch_fitting_retries_fewer_stages_and_launches_any_given_count():
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    class Kernel:
+        def __init__(self, fits_at):
+            self.fits_at = fits_at
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kwargs):
+                calls.append(num_stages)
+                if num_stages > self.fits_at:
+                    raise OutOfResources(300000, 232448, "shared memory")
+
+            return launch
+
+    configs.launch_fitting(Kernel(2), (1,), num_stages=4)
+    assert calls == [4, 3, 2]
+    calls.clear()
+    configs.launch_fitting(Kernel(2), (1,), num_stages=0)  # a config's 0: launched as given, not skipped
+    assert calls == [0]
+    calls.clear()
+    with pytest.raises(OutOfResources):
+        configs.launch_fitting(Kernel(0), (1,), num_stages=2)
+    assert calls == [2, 1]
