@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import os
@@ -89,31 +88,39 @@ def _dense_triton_gap(q: torch.Tensor, alibi_slopes: torch.Tensor | None) -> str
 def _per_head_bias(bias: float | torch.Tensor, nheads: int, device: torch.device) -> torch.Tensor:
     """The kernels take a float32 (nheads,) bias; gradients flow back to a user tensor through expand. A float bias
     (modules pass their fixed -log n) is filled once per (value, nheads, device) and reused: a fill per call cost a
-    kernel launch of host time. Not cached under torch.compile (a traced constant) or CUDA graph capture (the fill
-    would only be recorded, not run)."""
+    kernel launch of host time."""
     if isinstance(bias, torch.Tensor):
         return bias.float().expand(nheads)
-    if torch.compiler.is_compiling():
-        return torch.full((nheads,), bias, dtype=torch.float32, device=device)
-    key = (bias, nheads, device)
-    cached = _BIAS_CACHE.get(key)
-    if cached is not None:
-        return cached
-    if len(_BIAS_CACHE) >= 64 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return torch.full((nheads,), bias, dtype=torch.float32, device=device)
-    # A normal tensor even inside inference_mode, so later autograd calls can save it for backward. Entries are
-    # never evicted: a captured CUDA graph may hold a pointer to one.
-    with torch.inference_mode(False):
-        t = torch.full((nheads,), bias, dtype=torch.float32, device=device)
-    if device.type == "cuda":
-        # Once per entry: the fill is queued on this stream, and a later call on another stream would otherwise
-        # read the tensor with no ordering after it.
-        torch.cuda.current_stream(device).synchronize()
-    _BIAS_CACHE[key] = t
-    return t
+    return _cached_device_tensor(
+        _BIAS_CACHE, (bias, nheads, device), device,
+        lambda: torch.full((nheads,), bias, dtype=torch.float32, device=device),
+    )
 
 
 _BIAS_CACHE: dict[tuple[float, int, torch.device], torch.Tensor] = {}
+
+
+def _cached_device_tensor(cache: dict, key: tuple, device: torch.device, make) -> torch.Tensor:
+    """make()'s read-only tensor, built once per key and reused (at most 64 entries per cache; past that, built per
+    call). Not cached under torch.compile (a traced constant) or CUDA graph capture (the build would only be
+    recorded, not run)."""
+    if torch.compiler.is_compiling():
+        return make()
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    if len(cache) >= 64 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return make()
+    # A normal tensor even inside inference_mode, so later autograd calls can save it for backward. Entries are
+    # never evicted: a captured CUDA graph may hold a pointer to one.
+    with torch.inference_mode(False):
+        t = make()
+    if device.type == "cuda":
+        # Once per entry: the build is queued on this stream, and a later call on another stream would otherwise
+        # read the tensor with no ordering after it.
+        torch.cuda.current_stream(device).synchronize()
+    cache[key] = t
+    return t
 
 
 def _check_dense_args(
@@ -404,18 +411,22 @@ def _varlen_bias(bias: float | torch.Tensor | None, cu_k: Sequence[int], nheads:
     where any value gives 0); a float or (nheads,) tensor is shared, its gradient summed back through expand."""
     batch = len(cu_k) - 1
     if bias is None:
-        build = _default_varlen_bias.__wrapped__ if torch.compiler.is_compiling() else _default_varlen_bias
-        return build(tuple(cu_k), device)[:, None].expand(batch, nheads)
+        return _default_varlen_bias(tuple(cu_k), device)[:, None].expand(batch, nheads)
     return _per_head_bias(bias, nheads, device).expand(batch, nheads)
 
 
-@functools.lru_cache(maxsize=64)
 def _default_varlen_bias(cu_k: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """-log(seqlen_k) per sequence (0 without keys), float32 on device; cached per packing, since building it copies
-    from host memory, which waits for the device (every layer of a model passes the same packing). Read-only: the
-    kernels only read it, and no gradient flows to it."""
-    lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
-    return torch.tensor([-math.log(n) if n > 0 else 0.0 for n in lens], dtype=torch.float32, device=device)
+    """-log(seqlen_k) per sequence (0 without keys), float32 on device; cached per packing (_cached_device_tensor),
+    since building it copies from host memory, which waits for the device, and every layer of a model passes the
+    same packing."""
+    def make() -> torch.Tensor:
+        lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        return torch.tensor([-math.log(n) if n > 0 else 0.0 for n in lens], dtype=torch.float32, device=device)
+
+    return _cached_device_tensor(_VARLEN_BIAS_CACHE, (cu_k, device), device, make)
+
+
+_VARLEN_BIAS_CACHE: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
 
 def sigmoid_attn_with_kvcache(

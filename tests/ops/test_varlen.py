@@ -209,6 +209,21 @@ def test_api_triton_empty_packs(device):
     assert out.shape == q0.shape
 
 
+def test_default_bias_cached_under_inference_mode_serves_training(device):
+    """The default per-sequence bias is cached per packing; built first under inference_mode, the cached tensor must
+    still be a normal one, or the next training call could not save it for backward."""
+    lens = [3, 5]  # a packing no other test uses, so the first call below builds the cache entry
+    q, k, v, *_ = pack(lens, lens, 2, 1, 16, torch.float32, device)
+    c = cu(lens, device)
+    with torch.inference_mode():
+        want = sigmoid_attn_varlen_func(q, k, v, c, c, 5, 5, backend="triton")
+    qg = q.clone().requires_grad_()
+    out = sigmoid_attn_varlen_func(qg, k, v, c, c, 5, 5, backend="triton")
+    torch.testing.assert_close(out.detach(), want, rtol=0, atol=0)
+    (dq,) = torch.autograd.grad(out.sum(), qg)
+    assert torch.isfinite(dq).all()
+
+
 def test_api_triton_raises_for_what_it_cannot_serve(device):
     q, k, v, *_ = pack([5], [5], 2, 1, 16, torch.float64, device)
     c = cu([5], device)
