@@ -460,7 +460,7 @@ def train(
     params = sum(p.numel() for p in model.parameters())
     log({"kind": "config", "step": start, "variant": dataclasses.asdict(variant), "recipe": dataclasses.asdict(recipe),
          "seed": seed, "device": str(dev), "world": dist.world, "context_parallel": dist.cp, "amp": use_amp,
-         "compile": compile_mode_of(compile) or False, "params": params,
+         "compile": compile_mode or False, "params": params,
          "resumed": start > 0, **task.data_info()})
     end = recipe.steps if stop_at is None else min(stop_at, recipe.steps)
     if dev.type == "cuda":
@@ -559,7 +559,8 @@ def train(
     summary = summarize(read_log(log_path)) if dist.main else {}
     summary.update({
         "variant": variant.name, "task": recipe.task, "size": recipe.size, "steps": recipe.steps,
-        "diverged": diverged, "params": params, "device": str(dev), "world": dist.world, "compile": compile_mode_of(compile) or False,
+        "diverged": diverged, "params": params, "device": str(dev), "world": dist.world,
+        "compile": compile_mode or False,
     })
     if steps_timed and train_time > 0:
         # Only this invocation's steps after its first ones (a resumed run times its own part); eval and
