@@ -137,10 +137,10 @@ VARIANTS = {
 }
 
 
-def bench(out_path: str | None, only: list[str] | None, refs: bool) -> None:
+def bench(out_path: str | None, only: list[str] | None, refs: bool, seqlens: list[int]) -> None:
     rows = []
     for d in (128, 64):
-        for n in (4096, 16384):
+        for n in seqlens:
             for causal in (False, True):
                 b, h = 16384 // n, 2048 // d
                 q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--variants", help="comma-separated subset of VARIANTS names")
     ap.add_argument("--no-refs", action="store_true", help="skip the portable kernel and cuDNN")
     ap.add_argument("--json")
+    ap.add_argument("--seqlens", default="4096,16384", help="comma list of N (B = 16k / N)")
     a = ap.parse_args()
     p = torch.cuda.get_device_properties(0)
     print(f"{p.name} | torch {torch.__version__} | triton {triton.__version__} | cuDNN "
@@ -200,7 +201,8 @@ def main() -> None:
     if a.bench:
         tag = a.variants.replace(",", "_") if a.variants else "all"
         bench(a.json or (os.path.join(os.environ["OUT"], f"bench_{tag}.json") if "OUT" in os.environ else None),
-              a.variants.split(",") if a.variants else None, not a.no_refs)
+              a.variants.split(",") if a.variants else None, not a.no_refs,
+              [int(x) for x in a.seqlens.split(",")])
     sys.exit(rc)
 
 

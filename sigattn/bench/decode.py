@@ -78,8 +78,9 @@ def _inputs(shape: DecodeShape, dtype: torch.dtype, device: torch.device) -> dic
     return t
 
 
-def _sigattn_kernel(config: tuple[int, ...] | None = None) -> Callable[..., Step]:
-    """The launcher itself (no argument checks, no host sync), attending over `context` cached keys."""
+def _sigattn_kernel(config: tuple[int, ...] | None = None, num_splits: int | None = None) -> Callable[..., Step]:
+    """The launcher itself (no argument checks, no host sync), attending over `context` cached keys; config / num_splits
+    force the tile config / split-KV count (None: the launcher's own choice)."""
 
     def build(shape: DecodeShape, t: dict[str, torch.Tensor]) -> Step:
         from sigattn.ops.configs import decode_config
@@ -93,6 +94,7 @@ def _sigattn_kernel(config: tuple[int, ...] | None = None) -> Callable[..., Step
         return lambda: sigmoid_attn_kvcache(
             t["q"], t["k_cache"], t["v_cache"], None, None, t["seqlens"], t.get("block_table"), t["bias"],
             shape.headdim**-0.5, True, -1, 0, None, "fast", max_seqlen_k=shape.context, config=cfg,
+            num_splits=num_splits,
         )
 
     return build
@@ -249,6 +251,8 @@ def _run_shape(shape: DecodeShape, dtype: torch.dtype, device: torch.device, cop
         builders = {n: b for n, b in builders.items() if n in args.providers.split(",")}
     if args.sweep:
         builders |= {f"sigattn{list(c)}": _sigattn_kernel(c) for c in SWEEP}
+    if args.splits:
+        builders |= {f"sigattn-splits{n}": _sigattn_kernel(num_splits=n) for n in _ints(args.splits)}
     rows = []
     for name, build in builders.items():
         row: dict[str, Any] = asdict(shape) | {"layout": shape.layout, "provider": name, "ms": None, "gbps": None,
@@ -424,6 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--providers", default="", help="comma list (default: all)")
     parser.add_argument("--sweep", action="store_true", help="also time the kernel with each config of SWEEP")
+    parser.add_argument("--splits", default="", help="also time the kernel with each forced split-KV count (comma list)")
     parser.add_argument("--ptxas", action="store_true",
                         help="no timing: sm_90 resource reports of the SWEEP configs (works without a GPU)")
     parser.add_argument("--copy-mib", type=int, default=1024, help="size of the copy-bandwidth buffer")
