@@ -7,7 +7,10 @@ Packs of --tokens tokens (default 16k), H = --hidden / d heads (default 2048), b
   equal:N     tokens / N sequences of length N: the dense batch (B, N) exactly
   mixed       lengths log-uniform in [128, 4096] (fixed seed), the last one trimmed; mixed:LO-HI for other bounds
 Providers (a row per provider; a reason instead of a number where one cannot run):
-  varlen            sigattn::varlen_fwd/varlen_bwd custom ops, default data path (TMA on Hopper)
+  varlen            sigattn::varlen_fwd/varlen_bwd custom ops, default dispatch (on sm_90 the Gluon kernels' VARLEN
+                    form where the dense dispatch takes Gluon: fwd d=128, bwd d=64/128; else portable with TMA)
+  varlen-portable   the same custom ops with the Gluon kernels switched off (configs.set_gluon_forward/backward):
+                    the portable kernels' VARLEN form, i.e. `varlen` before Gluon served it
   varlen-ptr        the same kernels on the pointer path (use_tma=False): the TMA-vs-pointer choice for varlen
   varlen-api        sigmoid_attn_varlen_func: adds argument checks and one host sync (cu_seqlens.tolist())
   dense             sigattn dense kernels on the padded batch (B, max_len): for equal packs the same problem
@@ -50,9 +53,10 @@ from sigattn.bench.report import env_header, environment, render_markdown  # noq
 from sigattn.bench.timing import measure  # noqa: E402
 from sigattn.ops import custom_ops  # noqa: E402
 
-PROVIDERS = ("varlen", "varlen-ptr", "varlen-api", "dense", "dense-loop", "sdpa-flash", "torch-varlen",
-             "flash-attn-varlen")
-RATIOS = (("varlen", "dense"), ("varlen", "sdpa-flash"), ("varlen", "varlen-ptr"), ("varlen", "torch-varlen"))
+PROVIDERS = ("varlen", "varlen-portable", "varlen-ptr", "varlen-api", "dense", "dense-loop", "sdpa-flash",
+             "torch-varlen", "flash-attn-varlen")
+RATIOS = (("varlen", "dense"), ("varlen", "varlen-portable"), ("varlen", "sdpa-flash"), ("varlen", "varlen-ptr"),
+          ("varlen", "torch-varlen"))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -108,14 +112,14 @@ def build(provider: str, lens: list[int], nheads: int, d: int, causal: bool, dty
     scale = d**-0.5
     bias = torch.tensor([-math.log(n) for n in lens], dtype=torch.float32, device=device)[:, None]
     bias = bias.expand(batch, nheads)
-    if provider in ("varlen", "varlen-ptr", "varlen-api", "torch-varlen", "flash-attn-varlen"):
+    if provider in ("varlen", "varlen-portable", "varlen-ptr", "varlen-api", "torch-varlen", "flash-attn-varlen"):
         q, k, v = randn(total, nheads, d), randn(total, nheads, d), randn(total, nheads, d)
         qkv = [q, k, v]
-        if provider in ("varlen", "varlen-ptr"):
+        if provider in ("varlen", "varlen-portable", "varlen-ptr"):
             bias = bias.contiguous()
             step = timed_step(lambda: custom_ops.sigmoid_attn_varlen(
                 q, k, v, cu, cu, max_len, max_len, bias, scale, causal, -1, -1, None, False, impl), qkv, mode)
-            return step if provider == "varlen" else pointer_path(step)
+            return {"varlen": step, "varlen-portable": without_gluon(step)}.get(provider) or pointer_path(step)
         if provider == "varlen-api":
             backend = "triton" if device.type != "cuda" else "auto"
             return timed_step(lambda: sigmoid_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=causal,
@@ -151,6 +155,21 @@ def build(provider: str, lens: list[int], nheads: int, d: int, causal: bool, dty
 
         return timed_step(sdpa, [q, k, v], mode)
     raise ValueError(f"unknown provider {provider!r}")
+
+
+def without_gluon(step: Callable[[], Any]) -> Callable[[], Any]:
+    """step with the Gluon kernels switched off (the portable kernels serve) for the duration of each call."""
+    from sigattn.ops import configs
+
+    def run() -> Any:
+        saved = configs.gluon_forward_enabled(), configs.gluon_backward_enabled()
+        configs.set_gluon_forward(False), configs.set_gluon_backward(False)
+        try:
+            return step()
+        finally:
+            configs.set_gluon_forward(saved[0]), configs.set_gluon_backward(saved[1])
+
+    return run
 
 
 def pointer_path(step: Callable[[], Any]) -> Callable[[], Any]:

@@ -348,8 +348,9 @@ def sigmoid_attn_varlen_func(
             each sequence).
 
     Backends: "auto" runs the Triton kernels on CUDA (the dense kernels' VARLEN form: one program per query or
-    key block of a sequence; the grid is sized by the longest sequence and blocks past a shorter one's end idle)
-    and the reference elsewhere. "triton" serves what it serves for sigmoid_attn_func (float16, bfloat16 and
+    key block of a sequence; the grid is sized by the longest sequence and blocks past a shorter one's end idle;
+    on sm_90 the Gluon kernels' VARLEN form where the dense call would take Gluon) and the reference elsewhere.
+    "triton" serves what it serves for sigmoid_attn_func (float16, bfloat16 and
     float32, head dims 16-256, alibi_slopes without grad) and raises for the rest. Validation reads cu_seqlens on
     the host once per tensor version (a device sync; later calls with the same, unmodified tensor — every layer of
     a model — reuse the values; an in-place change made through PyTorch is seen, a write that bypasses it is not).

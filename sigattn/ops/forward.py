@@ -447,7 +447,15 @@ def sigmoid_attn_varlen_fwd(
 ) -> torch.Tensor:
     """Launch the forward kernel on packed sequences. q (total_q, Hq, D), k/v (total_k, Hkv, D), bias fp32 (Hq,) or
     (B, Hq), alibi_slopes fp32 (B, Hq) or None; causal/window bottom-right aligned per sequence.
-    Returns o (total_q, Hq, D) in q's dtype."""
+    Returns o (total_q, Hq, D) in q's dtype. The Gluon kernel's VARLEN form serves what the dense dispatch sends to
+    Gluon (`sigmoid_attn_fwd`), under the same switch."""
+    if (config is None and use_tma is None and alibi_slopes is None and window_left < 0
+            and (window_right < 0 or causal) and _gluon_ready(q)):
+        from sigattn.ops.gluon_forward import gluon_varlen_fwd, gluon_varlen_supports
+
+        if gluon_varlen_supports(q, k, v) is None:
+            return gluon_varlen_fwd(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q,
+                                    varlen.max_seqlen_k, bias, scale, causal, sigmoid_impl)
     return _launch_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl,
                        config, use_tma, varlen)
 

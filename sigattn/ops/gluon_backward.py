@@ -17,7 +17,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from sigattn.ops.gluon_forward import _tanh_approx, gluon_supports
+from sigattn.ops.gluon_forward import _seq_desc, _tanh_approx, gluon_supports
 from sigattn.ops.primitives import LOG2E
 
 # FlashAttention-3 backward layout. One CTA = 128 keys of one (batch, kv head); two consumer warpgroups own 64 keys
@@ -73,14 +73,22 @@ def _probs_t(s, key0, q0, qk_mul, z_bias, pos_shift, MASKED: gl.constexpr, SIGMO
 
 @gluon.jit
 def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready, do_ready,
-                  qdo_empty, off_b, off_hk, n0, group, m_lo, n_mtiles, HEAD_DIM: gl.constexpr,
-                  BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+                  qdo_empty, off_b, q_seq, q_row, kv_seq, kv_row, off_hk, n0, group, m_lo, n_mtiles,
+                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
     """One warp: this CTA's K and V once, then Q and dO of query tiles m_lo .. n_mtiles - 1 of every query head of
-    the group through the STAGES-deep ring (Q and dO have their own ready barriers: S^T can start before dO lands)."""
+    the group through the STAGES-deep ring (Q and dO have their own ready barriers: S^T can start before dO lands).
+    Rows are addressed [q_seq, q_row + m, col] / [kv_seq, kv_row + n, col] (see the kernel's docstring)."""
+    if not VARLEN:
+        # Dense: the batch index, no row offset. (The kernel passes 0s for q_seq, q_row, ...; a 0 captured by a
+        # partition stays a runtime value, hence these overrides rather than additions of 0.)
+        q_seq = off_b
+        kv_seq = off_b
+        q_row = 0
+        kv_row = 0
     kv_col = off_hk * HEAD_DIM
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [off_b, n0, kv_col], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [off_b, n0, kv_col], kv_bar, v_smem)
+    tma.async_copy_global_to_shared(k_desc, [kv_seq, kv_row + n0, kv_col], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [kv_seq, kv_row + n0, kv_col], kv_bar, v_smem)
     it = 0
     for g in range(group):
         q_col = (off_hk * group + g) * HEAD_DIM
@@ -88,21 +96,27 @@ def _bwd_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_sm
             st = it % STAGES
             mbarrier.wait(qdo_empty.index(st), ((it // STAGES) & 1) ^ 1)
             mbarrier.expect(q_ready.index(st), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [off_b, m * BLOCK_M, q_col], q_ready.index(st), q_smem.index(st))
+            tma.async_copy_global_to_shared(q_desc, [q_seq, q_row + m * BLOCK_M, q_col], q_ready.index(st),
+                                            q_smem.index(st))
             mbarrier.expect(do_ready.index(st), do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(do_desc, [off_b, m * BLOCK_M, q_col], do_ready.index(st),
+            tma.async_copy_global_to_shared(do_desc, [q_seq, q_row + m * BLOCK_M, q_col], do_ready.index(st),
                                             do_smem.index(st))
             it += 1
 
 
 @gluon.jit
 def _bwd_consumer(CID: gl.constexpr, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready,
-                  do_ready, qdo_empty, ds_ready, DK, DV, DBiasPart, Bias, stride_kb, stride_kn, nheads_kv, off_b,
-                  off_hk, pid_n, n0, group, m_lo, n_mtiles, n_kblocks, seqlen_q, seqlen_k, qk_mul, zf, scale,
-                  IS_CAUSAL: gl.constexpr, SIGMOID: gl.constexpr, NEED_DBIAS: gl.constexpr, SPLIT_D: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                  do_ready, qdo_empty, ds_ready, DK, DV, DBiasPart, Bias, stride_kb, stride_kn, stride_bb, nheads_kv,
+                  off_b, q_seq, q_row, k_start, off_hk, pid_n, n0, group, m_lo, n_mtiles, n_kblocks, seqlen_q,
+                  seqlen_k, qk_mul, zf, scale, IS_CAUSAL: gl.constexpr, SIGMOID: gl.constexpr,
+                  NEED_DBIAS: gl.constexpr, SPLIT_D: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
     """One warpgroup owning keys [n0 + CID * BLOCK_N, + BLOCK_N) of the CTA: dK, dV of those keys over every query
-    tile of every query head of the group, and its half of each tile's dQ (see the module comment)."""
+    tile of every query head of the group, and its half of each tile's dQ (see the module comment). seqlen_q and
+    seqlen_k are this sequence's lengths (VARLEN: per sequence; the kernel computes them)."""
+    if not VARLEN:
+        q_seq = off_b  # dense: as in the producer, 0s passed by the kernel are replaced, not added
+        q_row = 0
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -140,7 +154,10 @@ def _bwd_consumer(CID: gl.constexpr, dq_desc, q_smem, do_smem, k_smem, v_smem, d
     it = 0
     for g in range(group):
         off_h = off_hk * group + g
-        z_bias = gl.load(Bias + off_h) * zf
+        if VARLEN:
+            z_bias = gl.load(Bias + off_b * stride_bb + off_h) * zf  # (B, Hq); stride_bb = 0 when shared
+        else:
+            z_bias = gl.load(Bias + off_h) * zf
         dbias = gl.zeros([BLOCK_N], gl.float32, gl.SliceLayout(1, st_layout))
         for m in range(m_lo, n_mtiles):
             st = it % STAGES
@@ -191,7 +208,8 @@ def _bwd_consumer(CID: gl.constexpr, dq_desc, q_smem, do_smem, k_smem, v_smem, d
             # One reduce per 128-byte column chunk: the descriptor's box is one 128-byte swizzle row wide, and
             # (unlike TMA loads) Triton 3.6 does not split a wider reduce into chunks itself.
             for c in gl.static_range(DQ_N // DQ_CHUNK):
-                _tma_reduce_add(dq_desc, [off_b, m * BLOCK_M + dq_row, off_h * HEAD_DIM + dq_col + c * DQ_CHUNK],
+                _tma_reduce_add(dq_desc,
+                                [q_seq, q_row + m * BLOCK_M + dq_row, off_h * HEAD_DIM + dq_col + c * DQ_CHUNK],
                                 dq_buf.slice(c * DQ_CHUNK, DQ_CHUNK, dim=2))
             it += 1
         if NEED_DBIAS:
@@ -202,8 +220,11 @@ def _bwd_consumer(CID: gl.constexpr, dq_desc, q_smem, do_smem, k_smem, v_smem, d
     # are keys that do not exist.
     offs_n = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
-    offs = off_b.to(gl.int64) * stride_kb + offs_n.to(gl.int64)[:, None] * stride_kn + off_hk * HEAD_DIM + offs_d[
-        None, :]
+    if VARLEN:
+        row_off = k_start.to(gl.int64) * stride_kn  # packed (total_k, Hkv, D): the sequence's first row
+    else:
+        row_off = off_b.to(gl.int64) * stride_kb
+    offs = row_off + offs_n.to(gl.int64)[:, None] * stride_kn + off_hk * HEAD_DIM + offs_d[None, :]
     ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     gl.store(DK + offs, (dk * scale).to(dtype), mask=ok)
     gl.store(DV + offs, dv.to(dtype), mask=ok)
@@ -211,24 +232,49 @@ def _bwd_consumer(CID: gl.constexpr, dq_desc, q_smem, do_smem, k_smem, v_smem, d
 
 @gluon.jit
 def _sigmoid_attn_bwd_gluon_kernel(
-    q_desc, do_desc, k_desc, v_desc, dq_desc, DK, DV, DBiasPart, Bias,
-    stride_kb, stride_kn, nheads_kv, group, seqlen_q, seqlen_k, qk_mul, zf, scale,
+    q_desc, do_desc, k_desc, v_desc, dq_desc, DK, DV, DBiasPart, Bias, CuSeqQ, CuSeqK,
+    stride_kb, stride_kn, stride_bb, nheads_kv, group, seqlen_q, seqlen_k, qk_mul, zf, scale,
     IS_CAUSAL: gl.constexpr, SIGMOID: gl.constexpr, NEED_DBIAS: gl.constexpr, SPLIT_D: gl.constexpr,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, VARLEN: gl.constexpr,
 ):
     """Grid (cdiv(seqlen_k, 2 * BLOCK_N), batch * nheads_kv): key blocks of one (batch, kv head) adjacent (they read
     the same Q/dO tiles from L2), block 0 first (under causal it has the most query tiles). Descriptors are rank-3
     (B, N, H*D) views: rows past a sequence read as zeros (Q = dO = 0 rows give dS = 0 and add nothing; K = V = 0
     rows give dS = 0, so no mask is needed off the causal diagonal) and dQ adds past seqlen_q are dropped.
-    K/V/dK/dV are contiguous (B, Nk, Hkv, D), dbias partials are (B, Hq, n_kblocks, 2)."""
+    K/V/dK/dV are contiguous (B, Nk, Hkv, D), dbias partials are (B, Hq, n_kblocks, 2).
+    VARLEN: q/do/k/v/dq are packed (total, H, D) tensors seen through `gluon_forward._seq_desc` views, which clip at
+    each sequence's end as the dense views clip at N (the body is the dense one with other coordinates);
+    seqlen_q/seqlen_k are the longest sequences (the grid), CuSeqQ/CuSeqK the int32 (B + 1,) row offsets, Bias
+    (B, Hq) with batch stride stride_bb, DK/DV (total_k, Hkv, D). Key blocks past a shorter sequence's end get no
+    query tiles (every partition reads the same trip counts) and store nothing but a dbias partial of 0.
+    Dense: CuSeqQ/CuSeqK/stride_bb unused, Bias (Hq,)."""
     pid_n = gl.program_id(0)
     pid_bh = gl.program_id(1)
     n_kblocks = gl.num_programs(0)
     off_b = pid_bh // nheads_kv
     off_hk = pid_bh % nheads_kv
     n0 = pid_n * (2 * BLOCK_N)
+    if VARLEN:
+        q_seq = gl.load(CuSeqQ + off_b + 1)
+        kv_seq = gl.load(CuSeqK + off_b + 1)
+        k_start = gl.load(CuSeqK + off_b)
+        q_row = seqlen_q - (q_seq - gl.load(CuSeqQ + off_b))
+        kv_row = seqlen_k - (kv_seq - k_start)
+        seqlen_q = seqlen_q - q_row
+        seqlen_k = seqlen_k - kv_row
+        bias_stride = stride_bb
+    else:
+        # Constants: the partitions compute what they need from off_b (no extra captured values).
+        q_seq = 0
+        kv_seq = 0
+        k_start = 0
+        q_row = 0
+        kv_row = 0
+        bias_stride = 0
     n_mtiles = gl.cdiv(seqlen_q, BLOCK_M)
+    if VARLEN:
+        n_mtiles = gl.where(n0 < seqlen_k, n_mtiles, 0)
     m_lo = 0
     if IS_CAUSAL:
         # Bottom-right causal: query i sees key j iff j <= i + seqlen_k - seqlen_q; earlier tiles see no key here.
@@ -257,16 +303,19 @@ def _sigmoid_attn_bwd_gluon_kernel(
         mbarrier.init(ds_ready.index(i), count=2)
 
     gl.warp_specialize([
-        (_bwd_consumer, (0, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready,
-                         qdo_empty, ds_ready, DK, DV, DBiasPart, Bias, stride_kb, stride_kn, nheads_kv, off_b, off_hk,
-                         pid_n, n0, group, m_lo, n_mtiles, n_kblocks, seqlen_q, seqlen_k, qk_mul, zf, scale,
-                         IS_CAUSAL, SIGMOID, NEED_DBIAS, SPLIT_D, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
-        (_bwd_consumer, (1, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready, do_ready,
-                         qdo_empty, ds_ready, DK, DV, DBiasPart, Bias, stride_kb, stride_kn, nheads_kv, off_b, off_hk,
-                         pid_n, n0, group, m_lo, n_mtiles, n_kblocks, seqlen_q, seqlen_k, qk_mul, zf, scale,
-                         IS_CAUSAL, SIGMOID, NEED_DBIAS, SPLIT_D, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+        (_bwd_consumer, (0, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready,
+                         do_ready, qdo_empty, ds_ready, DK, DV, DBiasPart, Bias, stride_kb, stride_kn, bias_stride,
+                         nheads_kv, off_b, q_seq, q_row, k_start, off_hk, pid_n, n0, group, m_lo, n_mtiles, n_kblocks,
+                         seqlen_q, seqlen_k, qk_mul, zf, scale, IS_CAUSAL, SIGMOID, NEED_DBIAS, SPLIT_D, HEAD_DIM,
+                         BLOCK_M, BLOCK_N, STAGES, VARLEN)),
+        (_bwd_consumer, (1, dq_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, dq_smem, kv_bar, q_ready,
+                         do_ready, qdo_empty, ds_ready, DK, DV, DBiasPart, Bias, stride_kb, stride_kn, bias_stride,
+                         nheads_kv, off_b, q_seq, q_row, k_start, off_hk, pid_n, n0, group, m_lo, n_mtiles, n_kblocks,
+                         seqlen_q, seqlen_k, qk_mul, zf, scale, IS_CAUSAL, SIGMOID, NEED_DBIAS, SPLIT_D, HEAD_DIM,
+                         BLOCK_M, BLOCK_N, STAGES, VARLEN)),
         (_bwd_producer, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, kv_bar, q_ready,
-                         do_ready, qdo_empty, off_b, off_hk, n0, group, m_lo, n_mtiles, HEAD_DIM, BLOCK_M, STAGES)),
+                         do_ready, qdo_empty, off_b, q_seq, q_row, kv_seq, kv_row, off_hk, n0, group, m_lo,
+                         n_mtiles, HEAD_DIM, BLOCK_M, STAGES, VARLEN)),
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
@@ -320,6 +369,82 @@ def gluon_dense_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if not isinstance(bias, torch.Tensor):
         bias = torch.full((nheads_q,), float(bias), device=q.device)
     bias = bias.to(device=q.device, dtype=torch.float32).expand(nheads_q).contiguous()
+    block_m, _, split_d, _ = config or GLUON_BWD_CONFIGS[head_dim]
+    dq_m = block_m if split_d else block_m // 2
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    descs = (_rank3_desc(q, block_m, head_dim), _rank3_desc(do, block_m, head_dim),
+             _rank3_desc(k, NUM_CONSUMERS * BLOCK_N, head_dim), _rank3_desc(v, NUM_CONSUMERS * BLOCK_N, head_dim),
+             _rank3_desc(dq_acc, dq_m, DQ_CHUNK))
+    dbias_part = _launch_bwd(descs, dk, dv, bias, 0, bias, bias, dk.stride(0), dk.stride(1), batch, nheads_q,
+                             nheads_kv, head_dim, seqlen_q, seqlen_k, scale, causal, sigmoid_impl, need_dbias, config,
+                             False)
+    dq = torch.mul(dq_acc, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))  # one launch, bitwise
+    dbias = dbias_part.sum(dim=(0, 2, 3)) if need_dbias else None
+    return dq, dk, dv, dbias
+
+
+def gluon_varlen_bwd_supports(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              batch: int) -> str | None:
+    """None if gluon_varlen_bwd can serve these packed (total, H, D) tensors of `batch` sequences, else why not."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or do.dim() != 3:
+        return "needs packed (total, H, D) do/q/k/v"
+    if batch * k.shape[1] > MAX_GRID_Y:
+        return f"batch * kv heads must be at most {MAX_GRID_Y} (the grid's y dimension)"
+    return gluon_bwd_supports(do[None], q[None], k[None], v[None])
+
+
+def gluon_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, bias: torch.Tensor | float,
+                     scale: float, causal: bool, sigmoid_impl: str, need_dbias: bool = True,
+                     config: tuple[int, int, bool, int] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Backward of sigmoid attention on Hopper over packed sequences: q, do (total_q, Hq, D), k/v (total_k, Hkv, D),
+    cu_seqlens / max_seqlen as `gluon_forward.gluon_varlen_fwd`; bias a float, fp32 (Hq,) or (B, Hq) (per
+    sequence). Returns (dq, dk, dv, dbias) as `gluon_dense_bwd`, dq/dk/dv packed like q/k/v, dbias fp32 of bias's
+    shape ((Hq,) for a float). Raises ValueError where `gluon_varlen_bwd_supports` says no."""
+    batch = cu_seqlens_q.numel() - 1
+    why = gluon_varlen_bwd_supports(do, q, k, v, batch)
+    if why is not None:
+        raise ValueError(f"gluon_varlen_bwd: {why}")
+    nheads_q, head_dim = q.shape[1], q.shape[2]
+    nheads_kv = k.shape[1]
+    if not isinstance(bias, torch.Tensor):
+        bias = torch.full((nheads_q,), float(bias), device=q.device)
+    bias = bias.to(device=q.device, dtype=torch.float32)
+    per_seq = bias.dim() == 2
+    bias = bias.expand(batch, nheads_q) if per_seq else bias.expand(nheads_q)
+    if bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.shape[0] == 0 or k.shape[0] == 0 or batch <= 0 or max_seqlen_q <= 0 or max_seqlen_k <= 0:
+        dk.zero_(), dv.zero_()
+        dbias = torch.zeros(bias.shape, dtype=torch.float32, device=q.device) if need_dbias else None
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv, dbias
+    block_m, _, split_d, _ = config or GLUON_BWD_CONFIGS[head_dim]
+    dq_m = block_m if split_d else block_m // 2
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    kv_rows = NUM_CONSUMERS * BLOCK_N
+    descs = (_seq_desc(q, block_m, head_dim, max_seqlen_q), _seq_desc(do, block_m, head_dim, max_seqlen_q),
+             _seq_desc(k, kv_rows, head_dim, max_seqlen_k), _seq_desc(v, kv_rows, head_dim, max_seqlen_k),
+             _seq_desc(dq_acc, dq_m, DQ_CHUNK, max_seqlen_q))
+    dbias_part = _launch_bwd(descs, dk, dv, bias, bias.stride(0) if per_seq else 0, cu_seqlens_q.contiguous(),
+                             cu_seqlens_k.contiguous(), 0, dk.stride(0), batch, nheads_q, nheads_kv, head_dim,
+                             max_seqlen_q, max_seqlen_k, scale, causal, sigmoid_impl, need_dbias, config, True)
+    dq = torch.mul(dq_acc, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))
+    dbias = None
+    if need_dbias:
+        dbias = dbias_part.sum(dim=(2, 3)) if per_seq else dbias_part.sum(dim=(0, 2, 3))
+    return dq, dk, dv, dbias
+
+
+def _launch_bwd(descs: tuple[TensorDescriptor, ...], dk: torch.Tensor, dv: torch.Tensor, bias: torch.Tensor,
+                stride_bb: int, cu_q: torch.Tensor, cu_k: torch.Tensor, stride_kb: int, stride_kn: int, batch: int,
+                nheads_q: int, nheads_kv: int, head_dim: int, seqlen_q: int, seqlen_k: int, scale: float,
+                causal: bool, sigmoid_impl: str, need_dbias: bool, config: tuple[int, int, bool, int] | None,
+                varlen: bool) -> torch.Tensor:
+    """The kernel launch of gluon_dense_bwd / gluon_varlen_bwd (varlen: seqlen_q/k are the longest sequences).
+    Returns the dbias partials (B, Hq, n_kblocks, 2) (any fp32 tensor when not need_dbias)."""
     if sigmoid_impl == "fast":
         mode, zf = 1, 0.5
     elif sigmoid_impl == "accurate":
@@ -327,25 +452,18 @@ def gluon_dense_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     else:
         raise ValueError(f"sigmoid_impl must be 'fast' or 'accurate'; got {sigmoid_impl!r}")
     block_m, stages, split_d, regs = config or GLUON_BWD_CONFIGS[head_dim]
-    dq_m = block_m if split_d else block_m // 2
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    # dQ reduce-adds go out in 128-byte column chunks (32 fp32), one swizzle row each.
     n_kblocks = triton.cdiv(seqlen_k, NUM_CONSUMERS * BLOCK_N)
     dbias_part = torch.empty((batch, nheads_q, n_kblocks, NUM_CONSUMERS) if need_dbias else (1,),
-                             dtype=torch.float32, device=q.device)
+                             dtype=torch.float32, device=bias.device)
     # 2 consumer warpgroups + one producer warp, padded to a warpgroup; setmaxnreg moves the producer's registers
     # to the consumers (2 x 128 x 240 + 128 x 24 <= 65536).
     nwarps = 4 * NUM_CONSUMERS + 4
     _sigmoid_attn_bwd_gluon_kernel[(n_kblocks, batch * nheads_kv)](
-        _rank3_desc(q, block_m, head_dim), _rank3_desc(do, block_m, head_dim),
-        _rank3_desc(k, NUM_CONSUMERS * BLOCK_N, head_dim), _rank3_desc(v, NUM_CONSUMERS * BLOCK_N, head_dim),
-        _rank3_desc(dq_acc, dq_m, DQ_CHUNK), dk, dv, dbias_part, bias,
-        dk.stride(0), dk.stride(1), nheads_kv, nheads_q // nheads_kv, seqlen_q, seqlen_k, float(scale) * zf, zf,
+        *descs, dk, dv, dbias_part, bias, cu_q, cu_k,
+        stride_kb, stride_kn, stride_bb, nheads_kv, nheads_q // nheads_kv, seqlen_q, seqlen_k, float(scale) * zf, zf,
         float(scale),
         IS_CAUSAL=causal, SIGMOID=mode, NEED_DBIAS=need_dbias, SPLIT_D=split_d, HEAD_DIM=head_dim, BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N, STAGES=stages, CONSUMER_REGS=regs,
+        BLOCK_N=BLOCK_N, STAGES=stages, CONSUMER_REGS=regs, VARLEN=varlen,
         num_warps=4, maxnreg=(65536 // (32 * nwarps)) // 8 * 8,
     )
-    dq = torch.mul(dq_acc, scale, out=torch.empty(q.shape, dtype=q.dtype, device=q.device))  # one launch, bitwise
-    dbias = dbias_part.sum(dim=(0, 2, 3)) if need_dbias else None
-    return dq, dk, dv, dbias
+    return dbias_part

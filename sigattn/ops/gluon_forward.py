@@ -93,28 +93,49 @@ def _read_item(item_buf, item_ready, item_empty, i):
 
 
 @gluon.jit
-def _work_item(t, n_mblocks, nheads_q, group, seqlen_q, seqlen_k, CTA_M: gl.constexpr, HEAD_DIM: gl.constexpr,
-               BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr):
+def _work_item(t, n_mblocks, nheads_q, group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, CTA_M: gl.constexpr,
+               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr, VARLEN: gl.constexpr):
     """Coordinates of work item t: query blocks of one (batch, head) adjacent (they share K/V in L2), last block
-    first (under causal it has the most key tiles). Returns (off_b, off_h, m0, q_col, kv_col, n_tiles)."""
+    first (under causal it has the most key tiles). Returns (off_b, off_h, m0, q_col, kv_col, n_tiles, q_seq, q_row,
+    kv_seq, kv_row, len_q, len_k): rows are addressed as [q_seq, q_row + m, q_col] (dense: [off_b, m, q_col]; VARLEN:
+    see `_seq_desc`, q_seq = the sequence's end row, q_row = max_seqlen_q - len_q) and len_q/len_k are the sequence's
+    lengths. VARLEN: blocks past a shorter sequence's end get n_tiles = 0 (the producer and the consumers see the
+    same items, so they agree on every trip count); their Q loads read zeros and their O stores write nothing."""
     bh = t // n_mblocks
     blk = n_mblocks - 1 - t % n_mblocks
     off_b = bh // nheads_q
     off_h = bh % nheads_q
     m0 = blk * CTA_M
-    hi = seqlen_k
+    if VARLEN:
+        q_seq = gl.load(CuSeqQ + off_b + 1)
+        kv_seq = gl.load(CuSeqK + off_b + 1)
+        len_q = q_seq - gl.load(CuSeqQ + off_b)
+        len_k = kv_seq - gl.load(CuSeqK + off_b)
+        q_row = seqlen_q - len_q
+        kv_row = seqlen_k - len_k
+    else:
+        q_seq = off_b
+        kv_seq = off_b
+        len_q = seqlen_q
+        len_k = seqlen_k
+        q_row = 0
+        kv_row = 0
+    hi = len_k
     if IS_CAUSAL:
         # Bottom-right causal: the block's last row sees keys < m0 + CTA_M + seqlen_k - seqlen_q.
-        hi = gl.minimum(gl.maximum(m0 + CTA_M + seqlen_k - seqlen_q, 0), seqlen_k)
-    return off_b, off_h, m0, off_h * HEAD_DIM, (off_h // group) * HEAD_DIM, gl.cdiv(hi, BLOCK_N)
+        hi = gl.minimum(gl.maximum(m0 + CTA_M + len_k - len_q, 0), len_k)
+    if VARLEN:
+        hi = gl.where(m0 < len_q, hi, 0)
+    return (off_b, off_h, m0, off_h * HEAD_DIM, (off_h // group) * HEAD_DIM, gl.cdiv(hi, BLOCK_N), q_seq, q_row,
+            kv_seq, kv_row, len_q, len_k)
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty, v_empty,
               item_buf, item_ready, item_empty, Counter, n_mblocks, n_items, nheads_q, group, seqlen_q, seqlen_k,
-              IS_CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+              CuSeqQ, CuSeqK, IS_CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, NUM_CONSUMERS: gl.constexpr,
+              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              VARLEN: gl.constexpr):
     """One warp: per work item, the consumers' Q tiles (once the last item's S matmuls are done), then K and V
     tiles through the STAGES-deep ring, whose counter runs on across items. K and V have their own ready/empty
     barriers (consumers free K_j once S_j is done, V_j only after P_j V_j) and K runs one tile ahead of V, in the
@@ -125,12 +146,14 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
     if DYNAMIC:
         _publish_item(item_buf, item_ready, item_empty, 0, t)
     while t < n_items:
-        off_b, off_h, m0, q_col, kv_col, n_tiles = _work_item(t, n_mblocks, nheads_q, group, seqlen_q, seqlen_k,
-                                                              NUM_CONSUMERS * BLOCK_M, HEAD_DIM, BLOCK_N, IS_CAUSAL)
+        (off_b, off_h, m0, q_col, kv_col, n_tiles, q_seq, q_row, kv_seq, kv_row, len_q,
+         len_k) = _work_item(t, n_mblocks, nheads_q, group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK,
+                             NUM_CONSUMERS * BLOCK_M, HEAD_DIM, BLOCK_N, IS_CAUSAL, VARLEN)
         mbarrier.wait(q_empty, (item & 1) ^ 1)
         mbarrier.expect(q_bar, NUM_CONSUMERS * q_desc.block_type.nbytes)
         for c in gl.static_range(NUM_CONSUMERS):
-            tma.async_copy_global_to_shared(q_desc, [off_b, m0 + c * BLOCK_M, q_col], q_bar, q_smem.index(c))
+            tma.async_copy_global_to_shared(q_desc, [q_seq, q_row + m0 + c * BLOCK_M, q_col], q_bar,
+                                            q_smem.index(c))
         if DYNAMIC:
             # Items 0 .. grid-1 go one per program; later ones to whichever program asks first, one item ahead.
             t_next = gl.atomic_add(Counter, 1) + gl.num_programs(0)
@@ -143,15 +166,15 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
                 st = it % STAGES
                 mbarrier.wait(k_empty.index(st), ((it // STAGES) & 1) ^ 1)
                 mbarrier.expect(k_ready.index(st), k_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(k_desc, [off_b, j * BLOCK_N, kv_col], k_ready.index(st),
+                tma.async_copy_global_to_shared(k_desc, [kv_seq, kv_row + j * BLOCK_N, kv_col], k_ready.index(st),
                                                 k_smem.index(st))
             if j > 0:
                 it = kv_base + j - 1
                 st = it % STAGES
                 mbarrier.wait(v_empty.index(st), ((it // STAGES) & 1) ^ 1)
                 mbarrier.expect(v_ready.index(st), v_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(v_desc, [off_b, (j - 1) * BLOCK_N, kv_col], v_ready.index(st),
-                                                v_smem.index(st))
+                tma.async_copy_global_to_shared(v_desc, [kv_seq, kv_row + (j - 1) * BLOCK_N, kv_col],
+                                                v_ready.index(st), v_smem.index(st))
         kv_base += n_tiles
         item += 1
         t = t_next
@@ -160,10 +183,9 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_
 @gluon.jit
 def _consumer(CID: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
               v_empty, turn, item_buf, item_ready, item_empty, Bias, n_mblocks, n_items, nheads_q, group, seqlen_q,
-              seqlen_k, qk_mul, zf, IS_CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, SIGMOID: gl.constexpr,
-              PINGPONG: gl.constexpr,
-              NUM_CONSUMERS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr):
+              seqlen_k, CuSeqQ, CuSeqK, stride_bb, qk_mul, zf, IS_CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr,
+              SIGMOID: gl.constexpr, PINGPONG: gl.constexpr, NUM_CONSUMERS: gl.constexpr, HEAD_DIM: gl.constexpr,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
     """One warpgroup owning BLOCK_M query rows of each work item. Per key tile j (FlashAttention-3 intra-warpgroup
     overlap): issue S_j = Q K_j^T and O += P_{j-1} V_{j-1}, wait for S_j only, compute P_j on the MUFU while the
     tensor cores run P_{j-1} V_{j-1}. PINGPONG: warpgroups take turns issuing (an mbarrier ring whose round count
@@ -186,10 +208,16 @@ def _consumer(CID: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, 
     else:
         t = _item_index(0)
     while t < n_items:
-        off_b, off_h, m0, q_col, kv_col, n_tiles = _work_item(t, n_mblocks, nheads_q, group, seqlen_q, seqlen_k,
-                                                              NUM_CONSUMERS * BLOCK_M, HEAD_DIM, BLOCK_N, IS_CAUSAL)
+        (off_b, off_h, m0, q_col, kv_col, n_tiles, q_seq, q_row, kv_seq, kv_row, len_q,
+         len_k) = _work_item(t, n_mblocks, nheads_q, group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK,
+                             NUM_CONSUMERS * BLOCK_M, HEAD_DIM, BLOCK_N, IS_CAUSAL, VARLEN)
         row0 = m0 + CID * BLOCK_M
-        z_bias = gl.load(Bias + off_h) * zf
+        if VARLEN:
+            # Per-sequence bias ((B, Hq), stride_bb = 0 when shared) and causal offset.
+            z_bias = gl.load(Bias + off_b * stride_bb + off_h) * zf
+            pos_shift = len_k - len_q
+        else:
+            z_bias = gl.load(Bias + off_h) * zf
         # Key tiles below n_full are visible to every row of this warpgroup; causal masks only tiles past it.
         n_full = n_tiles
         if IS_CAUSAL:
@@ -258,12 +286,12 @@ def _consumer(CID: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, 
             mbarrier.arrive(q_empty)
         kv_base += n_tiles
         item += 1
-        # Epilogue: this item's O goes out by TMA store from a buffer of its own (the rank-3 (B, N, H*D) view
-        # clips rows past seqlen_q) while the next item runs; the previous store must have read the buffer first.
+        # Epilogue: this item's O goes out by TMA store from a buffer of its own (the view clips rows past the
+        # sequence's end) while the next item runs; the previous store must have read the buffer first.
         tma.store_wait(0)
         o_buf.reshape([BLOCK_M, HEAD_DIM]).store(o.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [off_b, row0, q_col], o_buf)
+        tma.async_copy_shared_to_global(o_desc, [q_seq, q_row + row0, q_col], o_buf)
         if DYNAMIC:
             t = _read_item(item_buf, item_ready, item_empty, item)
         else:
@@ -273,17 +301,21 @@ def _consumer(CID: gl.constexpr, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, 
 
 @gluon.jit
 def _sigmoid_attn_fwd_gluon_kernel(
-    q_desc, k_desc, v_desc, o_desc, Bias, Counter,
-    nheads_q, group, seqlen_q, seqlen_k, n_items, qk_mul, zf,
+    q_desc, k_desc, v_desc, o_desc, Bias, Counter, CuSeqQ, CuSeqK,
+    nheads_q, group, seqlen_q, seqlen_k, n_items, stride_bb, qk_mul, zf,
     IS_CAUSAL: gl.constexpr, DYNAMIC: gl.constexpr, SIGMOID: gl.constexpr, PINGPONG: gl.constexpr,
     NUM_CONSUMERS: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, VARLEN: gl.constexpr,
 ):
     """Work item = NUM_CONSUMERS * BLOCK_M queries of one (batch, head); program p does items p, p + grid, ...
     (grid = number of items: one each; grid = number of SMs: persistent, the next item's Q and K/V loads and this
     item's O store overlap the neighbouring items' matmuls). Descriptors are rank-3 views (B, N, H*D) with blocks
     [1, rows, D]: rows past a sequence read as zeros (K = 0 gives a finite weight, V = 0 makes it contribute
-    nothing, so non-causal tiles need no mask) and stores past it are clipped."""
+    nothing, so non-causal tiles need no mask) and stores past it are clipped. VARLEN: q/k/v/o are packed
+    (total, H, D) tensors seen through `_seq_desc` views, which clip at each sequence's end just as the dense views
+    clip at N (so the kernel body is the dense one with other coordinates); seqlen_q/seqlen_k are the longest
+    sequences (they size the grid), CuSeqQ/CuSeqK the int32 (B + 1,) row offsets, Bias (B, Hq) with batch stride
+    stride_bb. Dense: CuSeqQ/CuSeqK/stride_bb unused, Bias (Hq,)."""
     n_mblocks = gl.cdiv(seqlen_q, NUM_CONSUMERS * BLOCK_M)
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
@@ -318,35 +350,35 @@ def _sigmoid_attn_fwd_gluon_kernel(
         gl.warp_specialize([
             (_consumer, (0, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, turn, item_buf, item_ready, item_empty, Bias, n_mblocks, n_items, nheads_q,
-                         group, seqlen_q, seqlen_k, qk_mul, zf, IS_CAUSAL, DYNAMIC, SIGMOID, PINGPONG,
-                         NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+                         group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, stride_bb, qk_mul, zf, IS_CAUSAL, DYNAMIC,
+                         SIGMOID, PINGPONG, NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, VARLEN)),
             (_consumer, (1, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, turn, item_buf, item_ready, item_empty, Bias, n_mblocks, n_items, nheads_q,
-                         group, seqlen_q, seqlen_k, qk_mul, zf, IS_CAUSAL, DYNAMIC, SIGMOID, PINGPONG,
-                         NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+                         group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, stride_bb, qk_mul, zf, IS_CAUSAL, DYNAMIC,
+                         SIGMOID, PINGPONG, NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, VARLEN)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, item_buf, item_ready, item_empty, Counter, n_mblocks, n_items, nheads_q,
-                         group, seqlen_q, seqlen_k, IS_CAUSAL, DYNAMIC, NUM_CONSUMERS, HEAD_DIM, BLOCK_M,
-                         BLOCK_N, STAGES)),
+                         group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, IS_CAUSAL, DYNAMIC, NUM_CONSUMERS, HEAD_DIM,
+                         BLOCK_M, BLOCK_N, STAGES, VARLEN)),
         ], [4, 1], [CONSUMER_REGS, 24])
     else:
         gl.warp_specialize([
             (_consumer, (0, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, turn, item_buf, item_ready, item_empty, Bias, n_mblocks, n_items, nheads_q,
-                         group, seqlen_q, seqlen_k, qk_mul, zf, IS_CAUSAL, DYNAMIC, SIGMOID, PINGPONG,
-                         NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+                         group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, stride_bb, qk_mul, zf, IS_CAUSAL, DYNAMIC,
+                         SIGMOID, PINGPONG, NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, VARLEN)),
             (_consumer, (1, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, turn, item_buf, item_ready, item_empty, Bias, n_mblocks, n_items, nheads_q,
-                         group, seqlen_q, seqlen_k, qk_mul, zf, IS_CAUSAL, DYNAMIC, SIGMOID, PINGPONG,
-                         NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+                         group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, stride_bb, qk_mul, zf, IS_CAUSAL, DYNAMIC,
+                         SIGMOID, PINGPONG, NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, VARLEN)),
             (_consumer, (2, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, turn, item_buf, item_ready, item_empty, Bias, n_mblocks, n_items, nheads_q,
-                         group, seqlen_q, seqlen_k, qk_mul, zf, IS_CAUSAL, DYNAMIC, SIGMOID, PINGPONG,
-                         NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES)),
+                         group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, stride_bb, qk_mul, zf, IS_CAUSAL, DYNAMIC,
+                         SIGMOID, PINGPONG, NUM_CONSUMERS, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, VARLEN)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready, k_empty,
                          v_empty, item_buf, item_ready, item_empty, Counter, n_mblocks, n_items, nheads_q,
-                         group, seqlen_q, seqlen_k, IS_CAUSAL, DYNAMIC, NUM_CONSUMERS, HEAD_DIM, BLOCK_M,
-                         BLOCK_N, STAGES)),
+                         group, seqlen_q, seqlen_k, CuSeqQ, CuSeqK, IS_CAUSAL, DYNAMIC, NUM_CONSUMERS, HEAD_DIM,
+                         BLOCK_M, BLOCK_N, STAGES, VARLEN)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
 
 
@@ -356,6 +388,34 @@ def _rank3_desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
     gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([1, rows, d], gdt)
     return TensorDescriptor(t, [b, n, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d], layout)
+
+
+class _ShiftedBase:
+    """Base address `rows` rows before t's first row, for `_seq_desc` (TMA never touches it: every element the view
+    lets through lies inside t). Holds t so that the memory outlives the descriptor."""
+
+    def __init__(self, t: torch.Tensor, rows: int) -> None:
+        self.tensor = t
+        self.dtype = t.dtype
+        self.ptr = t.data_ptr() - rows * t.stride(0) * t.element_size()
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+
+def _seq_desc(t: torch.Tensor, rows: int, cols: int, max_seqlen: int) -> TensorDescriptor:
+    """View of packed t (total, H, D) that clips at every sequence's end, tiles [1, rows, cols] of one head: shape
+    (total + 1, max_seqlen, H*D), strides (row, row, 1), base max_seqlen rows before t, so element [e, r, c] is row
+    e + r - max_seqlen of t. The kernels address row m of the sequence [start, end) as [end, max_seqlen - (end -
+    start) + m, c], which is inside the view iff m < end - start: TMA loads read zeros past the sequence (not the
+    next sequence's rows, which may hold anything, inf and NaN included) and stores / reduce-adds past it are
+    dropped, exactly as the dense (B, N, H*D) view does past N. CUTLASS's varlen TMA uses the same construction
+    (sm100 FMHA: batch stride = row stride, pointer moved back by max_length rows)."""
+    total, h, d = t.shape
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, cols], gdt)
+    return TensorDescriptor(_ShiftedBase(t, max_seqlen), [total + 1, max(max_seqlen, 1), h * d],
+                            [t.stride(0), t.stride(0), 1], [1, rows, cols], layout)
 
 
 @functools.cache
@@ -401,7 +461,7 @@ def gluon_dense_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     if why is not None:
         raise ValueError(f"gluon_dense_fwd: {why}")
     batch, seqlen_q, nheads_q, head_dim = q.shape
-    seqlen_k, nheads_kv = k.shape[1], k.shape[2]
+    seqlen_k = k.shape[1]
     o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if o.shape != q.shape or o.dtype != q.dtype or not o.is_contiguous():
         raise ValueError("gluon_dense_fwd: out must be contiguous with q's shape and dtype")
@@ -412,6 +472,65 @@ def gluon_dense_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     if not isinstance(bias, torch.Tensor):
         bias = torch.full((nheads_q,), float(bias), device=q.device)
     bias = bias.to(device=q.device, dtype=torch.float32).expand(nheads_q).contiguous()
+    block_m, block_n = (config or GLUON_CONFIGS[head_dim])[0], (config or GLUON_CONFIGS[head_dim])[2]
+    descs = (_rank3_desc(q, block_m), _rank3_desc(k, block_n), _rank3_desc(v, block_n), _rank3_desc(o, block_m))
+    _launch(descs, bias, 0, bias, bias, batch, nheads_q, k.shape[2], head_dim, seqlen_q, seqlen_k, scale, causal,
+            sigmoid_impl, pingpong, schedule, config, False)
+    return o
+
+
+def gluon_varlen_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """None if gluon_varlen_fwd can serve these packed (total, H, D) tensors, else why not (gluon_supports' rules)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        return "needs packed (total, H, D) q/k/v"
+    return gluon_supports(q[None], k[None], v[None])
+
+
+def gluon_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, bias: torch.Tensor | float,
+                     scale: float, causal: bool, sigmoid_impl: str, pingpong: bool = True, schedule: str = "grid",
+                     config: tuple[int, int, int, int, int] | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward of sigmoid attention on Hopper over packed sequences: q (total_q, Hq, D), k/v (total_k, Hkv, D),
+    sequence b = rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of q (int32 (B + 1,) on q's device; likewise k/v), each
+    at most max_seqlen_q / max_seqlen_k long (they size the grid: blocks past a shorter sequence idle; an
+    understated max gives wrong rows, never an out-of-bounds access); lengths 0 allowed. bias a float, fp32 (Hq,) or
+    (B, Hq) (per sequence); causal bottom-right aligned within each sequence. Other arguments, the result and the
+    rules as `gluon_dense_fwd` (rows past cu_seqlens_q[-1], which the varlen API does not allow, are not written)."""
+    why = gluon_varlen_supports(q, k, v)
+    if why is not None:
+        raise ValueError(f"gluon_varlen_fwd: {why}")
+    total_q, nheads_q, head_dim = q.shape
+    batch = cu_seqlens_q.numel() - 1
+    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    if o.shape != q.shape or o.dtype != q.dtype or not o.is_contiguous():
+        raise ValueError("gluon_varlen_fwd: out must be contiguous with q's shape and dtype")
+    if o.numel() == 0 or batch <= 0 or max_seqlen_q <= 0:
+        return o
+    if k.shape[0] == 0 or max_seqlen_k <= 0:
+        return o.zero_()
+    if not isinstance(bias, torch.Tensor):
+        bias = torch.full((nheads_q,), float(bias), device=q.device)
+    bias = bias.to(device=q.device, dtype=torch.float32)
+    bias = (bias.expand(nheads_q) if bias.dim() <= 1 else bias.expand(batch, nheads_q))
+    if bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    stride_bb = bias.stride(0) if bias.dim() == 2 else 0
+    block_m, block_n = (config or GLUON_CONFIGS[head_dim])[0], (config or GLUON_CONFIGS[head_dim])[2]
+    descs = (_seq_desc(q, block_m, head_dim, max_seqlen_q), _seq_desc(k, block_n, head_dim, max_seqlen_k),
+             _seq_desc(v, block_n, head_dim, max_seqlen_k), _seq_desc(o, block_m, head_dim, max_seqlen_q))
+    _launch(descs, bias, stride_bb, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), batch, nheads_q,
+            k.shape[1], head_dim, max_seqlen_q, max_seqlen_k, scale, causal, sigmoid_impl, pingpong, schedule, config,
+            True)
+    return o
+
+
+def _launch(descs: tuple[TensorDescriptor, ...], bias: torch.Tensor, stride_bb: int, cu_q: torch.Tensor,
+            cu_k: torch.Tensor, batch: int, nheads_q: int, nheads_kv: int, head_dim: int, seqlen_q: int,
+            seqlen_k: int, scale: float, causal: bool, sigmoid_impl: str, pingpong: bool, schedule: str,
+            config: tuple[int, int, int, int, int] | None, varlen: bool) -> None:
+    """The kernel launch of gluon_dense_fwd / gluon_varlen_fwd (varlen: seqlen_q/k are the longest sequences)."""
+    device = bias.device
     if sigmoid_impl == "fast":
         mode, zf = 1, 0.5
     elif sigmoid_impl == "accurate":
@@ -422,19 +541,17 @@ def gluon_dense_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
     n_items = triton.cdiv(seqlen_q, consumers * block_m) * batch * nheads_q
     if schedule not in ("grid", "static", "dynamic"):
         raise ValueError(f"schedule must be 'grid', 'static' or 'dynamic'; got {schedule!r}")
-    grid = (n_items if schedule == "grid" else min(n_items, _num_sms(q.device)),)
+    grid = (n_items if schedule == "grid" else min(n_items, _num_sms(device)),)
     # The dynamic schedule's item counter starts at 0 each call; other schedules never touch theirs.
     dynamic = schedule == "dynamic"
-    counter = torch.zeros(1, dtype=torch.int32, device=q.device) if dynamic else _dummy_counter(q.device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device) if dynamic else _dummy_counter(device)
     # Total warps: 4 per consumer + one producer warp, padded to a warpgroup; maxnreg caps the register file
     # (65536 / threads) and setmaxnreg moves the producer's share to the consumers.
     nwarps = 4 * consumers + 4
     _sigmoid_attn_fwd_gluon_kernel[grid](
-        _rank3_desc(q, block_m), _rank3_desc(k, block_n), _rank3_desc(v, block_n), _rank3_desc(o, block_m), bias,
-        counter, nheads_q, nheads_q // nheads_kv, seqlen_q, seqlen_k, n_items, float(scale) * zf, zf,
+        *descs, bias, counter, cu_q, cu_k, nheads_q, nheads_q // nheads_kv, seqlen_q, seqlen_k, n_items, stride_bb,
+        float(scale) * zf, zf,
         IS_CAUSAL=causal, DYNAMIC=dynamic, SIGMOID=mode, PINGPONG=pingpong, NUM_CONSUMERS=consumers,
-        HEAD_DIM=head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, CONSUMER_REGS=regs, VARLEN=varlen,
         num_warps=4, maxnreg=(65536 // (32 * nwarps)) // 8 * 8,
     )
-    return o

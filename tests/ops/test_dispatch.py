@@ -1,5 +1,5 @@
-"""Which kernel serves a backward call: the Gluon dispatch rules, checked on CPU with the kernels stubbed (the GPU
-tests in test_gluon_backward.py run the real thing)."""
+"""Which kernel serves a backward or varlen call: the Gluon dispatch rules, checked on CPU with the kernels stubbed
+(the GPU tests in test_gluon_backward.py and test_gluon_varlen.py run the real thing)."""
 
 from __future__ import annotations
 
@@ -143,3 +143,102 @@ def test_launch_fitting_retries_fewer_stages_and_launches_any_given_count():
     with pytest.raises(OutOfResources):
         configs.launch_fitting(Kernel(0), (1,), num_stages=2)
     assert calls == [2, 1]
+
+
+@pytest.fixture
+def varlen_routes(monkeypatch):
+    """Pretend to be an sm_90 GPU the Gluon kernels support; record which launcher each varlen call reaches."""
+    from sigattn.ops import forward, gluon_forward
+
+    seen: list[str] = []
+
+    def gluon_fwd(q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal, impl):
+        seen.append("gluon-fwd")
+        assert (max_q, max_k) == (5, 7) and bias.shape == (2, 2)
+        return torch.zeros_like(q)
+
+    def gluon_bwd(do, q, k, v, cu_q, cu_k, max_q, max_k, bias, scale, causal, impl, need_dbias=True):
+        seen.append("gluon-bwd")
+        assert do.is_contiguous()
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                torch.zeros(bias.shape) if need_dbias else None)
+
+    def portable_fwd(q, *args):
+        seen.append("portable-fwd")
+        return torch.zeros_like(q)
+
+    def portable_bwd(do, q, k, v, bias, *args):
+        seen.append("portable-bwd")
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
+
+    monkeypatch.setattr(forward, "_gluon_ready", lambda q: configs.gluon_forward_enabled())
+    monkeypatch.setattr(gluon_forward, "gluon_varlen_supports", lambda q, k, v: None)
+    monkeypatch.setattr(gluon_forward, "gluon_varlen_fwd", gluon_fwd)
+    monkeypatch.setattr(forward, "_launch_fwd", portable_fwd)
+    monkeypatch.setattr(backward, "_gluon_bwd_ready", lambda q: configs.gluon_backward_enabled())
+    monkeypatch.setattr(gluon_backward, "gluon_varlen_bwd_supports", lambda do, q, k, v, batch: None)
+    monkeypatch.setattr(gluon_backward, "gluon_varlen_bwd", gluon_bwd)
+    monkeypatch.setattr(backward, "launch_bwd", portable_bwd)
+    return seen
+
+
+def _varlen_call(direction: str, **kw):
+    """A varlen forward or backward of 2 sequences (lengths 5 and 3 / 7 and 2), 2 query heads, 1 kv head."""
+    from sigattn.ops.forward import Varlen, sigmoid_attn_varlen_fwd
+
+    q, do = torch.randn(8, 2, 64), torch.randn(8, 2, 64)
+    k, v = torch.randn(9, 1, 64), torch.randn(9, 1, 64)
+    varlen = Varlen(torch.tensor([0, 5, 8], dtype=torch.int32), torch.tensor([0, 7, 9], dtype=torch.int32), 5, 7)
+    args = dict(bias=kw.pop("bias", torch.zeros(2, 2)), scale=0.125, causal=True, window_left=-1, window_right=-1,
+                alibi_slopes=None)
+    args.update({k_: kw.pop(k_) for k_ in list(kw) if k_ in args})
+    if direction == "fwd":
+        return sigmoid_attn_varlen_fwd(q, k, v, varlen, sigmoid_impl="fast", **args, **kw)
+    return backward.sigmoid_attn_varlen_bwd(do, q, k, v, varlen, deterministic=kw.pop("deterministic", False),
+                                            sigmoid_impl="fast", **args, **kw)
+
+
+def test_default_varlen_goes_to_gluon(varlen_routes):
+    _varlen_call("fwd")
+    dq, dk, dv, dbias = _varlen_call("bwd")
+    assert varlen_routes == ["gluon-fwd", "gluon-bwd"]
+    assert dbias.shape == (2, 2)  # the per-sequence bias's gradient keeps its shape
+    _, _, _, dbias = _varlen_call("bwd", need_dbias=False, bias=torch.zeros(2))
+    assert dbias.shape == (2,)  # zeros of bias's shape (the eager autograd path discards it)
+    assert varlen_routes == ["gluon-fwd", "gluon-bwd", "gluon-bwd"]
+
+
+@pytest.mark.parametrize("kw", [
+    {"alibi_slopes": torch.ones(2, 2)},
+    {"window_left": 3},
+    {"causal": False, "window_right": 2},
+    {"use_tma": True},
+], ids=["alibi", "window-left", "window-right", "use-tma"])
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_what_keeps_the_portable_varlen_kernels(varlen_routes, direction, kw):
+    _varlen_call(direction, **kw)
+    assert varlen_routes == [f"portable-{direction}"]
+
+
+@pytest.mark.parametrize("kw", [{"deterministic": True}, {"fused_dq": True}, {"fused_dq": False}],
+                         ids=["deterministic", "fused-dq", "two-kernel"])
+def test_what_keeps_the_portable_varlen_backward(varlen_routes, kw):
+    _varlen_call("bwd", **kw)
+    assert varlen_routes == ["portable-bwd"]
+
+
+def test_switches_off_keep_the_portable_varlen_kernels(varlen_routes):
+    configs.set_gluon_forward(False), configs.set_gluon_backward(False)
+    try:
+        _varlen_call("fwd"), _varlen_call("bwd")
+    finally:
+        configs.set_gluon_forward(True), configs.set_gluon_backward(True)
+    assert varlen_routes == ["portable-fwd", "portable-bwd"]
+
+
+def test_gluon_varlen_backward_refuses_grids_past_cuda_limit():
+    """batch * kv heads is the varlen grid's y dimension too (CPU tensors: checked before any device facts)."""
+    q = torch.empty(64, 8, 64)
+    k = torch.empty(64, 8, 64)
+    assert "grid" in gluon_backward.gluon_varlen_bwd_supports(q, q, k, k, 8192)
+    assert "grid" not in str(gluon_backward.gluon_varlen_bwd_supports(q, q, k, k, 8))
