@@ -130,9 +130,11 @@ def bench_ms(fn) -> float:
 
 
 VARIANTS = {
-    128: {"gluon": {}, "dyn": dict(schedule="dynamic"), "static": dict(schedule="static"),
+    128: {"gluon": {}, "grid": dict(schedule="grid"), "dyn": dict(schedule="dynamic"),
+          "static": dict(schedule="static"),
           "nopp": dict(pingpong=False)},
-    64: {"gluon": {}, "dyn": dict(schedule="dynamic"), "static": dict(schedule="static"),
+    64: {"gluon": {}, "grid": dict(schedule="grid"), "dyn": dict(schedule="dynamic"),
+         "static": dict(schedule="static"),
          "nopp": dict(pingpong=False), "bn64": dict(config=(64, 3, 64, 6, 160))},
 }
 

@@ -296,7 +296,8 @@ def experiments(n: int, ds: list[int], impl: str) -> list[str]:
 
 
 CAUSAL_EXP = {
-    64: [(128, 64, 4, 3), (128, 64, 4, 3, False, True), (64, 64, 4, 3), (128, 32, 4, 3)],
+    64: [(128, 64, 4, 3), (128, 64, 4, 3, False, True), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3),
+         (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3, False, True)],
     128: [(128, 64, 4, 2), (128, 64, 4, 2, False, True), (128, 32, 4, 3), (128, 32, 4, 3, False, True),
           (64, 64, 4, 2)],
 }
@@ -371,6 +372,7 @@ def header() -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--causal-ns", default="1024,4096,16384", help="--exp-causal: sequence lengths")
     ap.add_argument("--sweep-bwd", action="store_true")
     ap.add_argument("--exp", action="store_true")
     ap.add_argument("--no-table", action="store_true")
@@ -409,7 +411,8 @@ def main() -> None:
     if args.exp:
         out += ["", "experiments at N=8192"] + experiments(8192, ds, args.impl)
     if args.exp_causal:
-        out += ["", "causal forward configs"] + causal_experiments([1024, 4096, 16384], ds, args.impl)
+        out += ["", "causal forward configs"] + causal_experiments(
+            [int(x) for x in args.causal_ns.split(",")], ds, args.impl)
     if args.extra_ds:
         out += ["", "other head dims, N=4096, B=4 (H = 2048/d, or 16 for d=96/192)"]
         out += extra_head_dims([int(x) for x in args.extra_ds.split(",")], args.impl)

@@ -428,7 +428,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--providers", default="", help="comma list (default: all)")
     parser.add_argument("--sweep", action="store_true", help="also time the kernel with each config of SWEEP")
-    parser.add_argument("--splits", default="", help="also time the kernel with each forced split-KV count (comma list)")
+    parser.add_argument("--splits", default="", help="also time the kernel at each forced split-KV count (comma list)")
     parser.add_argument("--ptxas", action="store_true",
                         help="no timing: sm_90 resource reports of the SWEEP configs (works without a GPU)")
     parser.add_argument("--copy-mib", type=int, default=1024, help="size of the copy-bandwidth buffer")

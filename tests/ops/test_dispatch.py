@@ -242,3 +242,15 @@ def test_gluon_varlen_backward_refuses_grids_past_cuda_limit():
     k = torch.empty(64, 8, 64)
     assert "grid" in gluon_backward.gluon_varlen_bwd_supports(q, q, k, k, 8192)
     assert "grid" not in str(gluon_backward.gluon_varlen_bwd_supports(q, q, k, k, 8))
+
+
+def test_gluon_forward_default_schedule():
+    """Rows of up to STATIC_SCHEDULE_MAX_KEYS keys take the persistent static schedule, longer ones one program per
+    item (the measured rule in gluon_forward.py)."""
+    from sigattn.ops import gluon_forward
+
+    limit = gluon_forward.STATIC_SCHEDULE_MAX_KEYS
+    assert gluon_forward.default_schedule(1) == "static"
+    assert gluon_forward.default_schedule(limit) == "static"
+    assert gluon_forward.default_schedule(limit + 1) == "grid"
+    assert gluon_forward.default_schedule(16384) == "grid"
