@@ -9,14 +9,16 @@
 #   gbwd    bench/gluon_bwd_check.py: the Gluon backward's correctness and timing (if present)
 #   bench   sigattn bench: Gluon/portable forward + backward vs SDPA flash and cuDNN, d 64/128, N 1k/4k/16k
 #   gfwd    bench/gluon_check_bench.py --bench at GFWD_SEQLENS (default 1024,2048): Gluon forward schedules vs cuDNN
+#   cprobe  bench/kernel_probe.py --exp-causal: portable causal forward configs at CPROBE_NS for CPROBE_DS
 #   host    bench/host_overhead.py: host cost per call vs SDPA
 #   decode  the decode benchmark (kernel-level and API rows; DECODE_ARGS adds e.g. "--splits 8,16,33,66")
 #   varlen  bench/varlen_bench.py, d=128 non-causal, equal and mixed packs
 #   lm      the LM training-throughput probe (softmax vs sigmoid alone, 300 steps each, eager)
 #   lmc     the same under torch.compile (--compile)
 #   lmg     the same under torch.compile with CUDA graphs (--compile reduce-overhead: no per-op host cost)
-# Stage limits: TESTS_LIMIT (default 300 s), BENCH_LIMIT (200 s).
-# Bench knobs: BENCH_SEQLENS (default 1k,4k,16k), BENCH_PROVIDERS (default Gluon/portable/SDPA flash/cuDNN); peers
+# Stage limits: TESTS_LIMIT (default 300 s), BENCH_LIMIT (200 s), GFWD_LIMIT, CPROBE_LIMIT, VARLEN_LIMIT.
+# TEST_PATHS (default tests/ops tests/nn tests/integrations), VARLEN_ARGS, DECODE_ARGS replace those stages' arguments.
+# Bench knobs: BENCH_CAUSAL (yes/no/both), BENCH_SEQLENS (default 1k,4k,16k), BENCH_PROVIDERS (default Gluon/portable/SDPA flash/cuDNN); peers
 # shipped as wheels in .whl/ (carry it: triton-sigmoid) are installed to /tmp/site first.
 # The device tool returns at most 8 files from $OUT: everything goes into $OUT/verify.tgz plus $OUT/summary.txt.
 set -uo pipefail
@@ -25,7 +27,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu_out}"
 W="$(mktemp -d)"
 BUDGET="${BUDGET:-570}"
-STAGES="${STAGES:-tests gbwd bench gfwd host decode varlen lm lmc lmg}"
+STAGES="${STAGES:-tests gbwd bench gfwd cprobe host decode varlen lm lmc lmg}"
 summary="$OUT/summary.txt"
 mkdir -p "$OUT"
 : > "$summary"
@@ -52,21 +54,24 @@ stage() {  # stage NAME LIMIT CMD...
 log "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 log "$(python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cudnn", torch.backends.cudnn.version())')"
 
-stage tests "${TESTS_LIMIT:-300}" bash scripts/gpu_tests.sh tests/ops tests/nn tests/integrations
+stage tests "${TESTS_LIMIT:-300}" bash scripts/gpu_tests.sh ${TEST_PATHS:-tests/ops tests/nn tests/integrations}
 grep -E "^FAILED|^ERROR| passed| failed|gpu tests:" "$W/tests.txt" 2>/dev/null | tail -n 20 | tee -a "$summary"
 if [[ -f bench/gluon_bwd_check.py ]]; then stage gbwd 150 python bench/gluon_bwd_check.py; fi
 tail -n 25 "$W/gbwd.txt" 2>/dev/null | tee -a "$summary"
-stage bench "${BENCH_LIMIT:-200}" python -m sigattn.bench --out "$W/bench" --modes fwd,bwd --headdims 64,128 \
+stage bench "${BENCH_LIMIT:-200}" python -m sigattn.bench --out "$W/bench" --modes fwd,bwd --headdims 64,128 --causal "${BENCH_CAUSAL:-both}" \
     --seqlens "${BENCH_SEQLENS:-1k,4k,16k}" \
     --providers "${BENCH_PROVIDERS:-sigattn-triton,sigattn-triton-portable,sdpa-flash,sdpa-cudnn}"
 cat "$W/bench/table.txt" 2>/dev/null | tee -a "$summary"
 stage gfwd "${GFWD_LIMIT:-150}" python bench/gluon_check_bench.py --bench --seqlens "${GFWD_SEQLENS:-1024,2048}"
 grep "^|" "$W/gfwd.txt" 2>/dev/null | tee -a "$summary"
+stage cprobe "${CPROBE_LIMIT:-60}" python bench/kernel_probe.py --no-errors --no-table --exp-causal --out "$W" \
+    --ds "${CPROBE_DS:-64}" --causal-ns "${CPROBE_NS:-1024,2048}"
+grep "^|" "$W/cprobe.txt" 2>/dev/null | tee -a "$summary"
 stage host 60 python bench/host_overhead.py ${HOST_ARGS:-}
 head -n 12 "$W/host.txt" 2>/dev/null | tee -a "$summary"
 stage decode 100 python -m sigattn.bench.decode --out "$W/decode" ${DECODE_ARGS:-}
 grep -v "sigattn\[" "$W/decode/decode.md" 2>/dev/null | tee -a "$summary"
-stage varlen 100 python bench/varlen_bench.py --out "$W/varlen" --ds 128 --causal no --packs equal:2048,mixed --modes fwd,bwd
+stage varlen "${VARLEN_LIMIT:-100}" python bench/varlen_bench.py --out "$W/varlen" ${VARLEN_ARGS:---ds 128 --causal no --packs equal:2048,mixed --modes fwd,bwd}
 cat "$W/varlen/table.md" 2>/dev/null | tee -a "$summary"
 PROBE_TASKS=lm SKIP_CHECK=1 SKIP_TESTS=1 OUT="$W/lm" stage lm 120 bash bench/gpu_probe.sh
 grep "^{" "$W/lm.txt" 2>/dev/null | tee -a "$summary"
