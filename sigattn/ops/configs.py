@@ -372,10 +372,12 @@ def launch_fitting(kernel, grid: tuple[int, ...], *args, num_stages: int, **kwar
     262 KB of the 227 KB). Triton raises before the launch, so nothing was written."""
     from triton.runtime.errors import OutOfResources
 
+    from sigattn.ops.fast_launch import launch
+
     stages = num_stages  # launched as given first: a config's 0 (or less) is Triton's to take or refuse
     while True:
         try:
-            kernel[grid](*args, num_stages=stages, **kwargs)
+            launch(kernel, grid, *args, num_stages=stages, **kwargs)
             return
         except OutOfResources:
             stages -= 1

@@ -1,0 +1,170 @@
+"""Kernel launches that reuse the CompiledKernel of an earlier launch with the same specialization, skipping
+Triton's per-call JITFunction.run (binder, cache key, option parsing, launch metadata)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from triton import knobs
+from triton.knobs import HookChain
+from triton.runtime.driver import driver
+
+from sigattn.ops.configs import interpreting
+
+# SIGATTN_FAST_LAUNCH=0 (or set_enabled(False)) sends every launch through kernel[grid](...).
+_enabled = os.environ.get("SIGATTN_FAST_LAUNCH", "1") != "0"
+MAX_ENTRIES = 256  # specializations kept per kernel; past that the kernel's table is cleared (a leak guard)
+
+
+def enabled() -> bool:
+    """Whether launches may skip JITFunction.run (never under TRITON_INTERPRET)."""
+    return _enabled and not interpreting()
+
+
+def set_enabled(on: bool) -> None:
+    """Allow (True, the default unless SIGATTN_FAST_LAUNCH=0) or forbid fast launches; forbidding drops the tables."""
+    global _enabled
+    if not isinstance(on, bool):
+        raise TypeError(f"on must be a bool; got {type(on).__name__}")
+    _enabled = on
+    _states.clear()
+
+
+class _KernelState:
+    """Per kernel: a binder generated from the first launch's argument types, mapping launch arguments to
+    (key, arguments in signature order), and the CompiledKernel per key.
+
+    The key refines Triton's own cache key, so one key never stands for two specializations: every argument's
+    type; tensors by dtype and 16-byte alignment of data_ptr (all Triton reads of a pointer); ints by value
+    (whatever Triton derives: == 1, divisibility by 16, i32/i64/u64), except do_not_specialize ints, by width
+    (i32/i64/u64, all Triton reads of them); floats and bools by type (never specialized); tensor descriptors by
+    dtype, alignment, block shape, layout, padding, shape and strides; anything else by Triton's
+    native_specialize_impl; constexprs by type and value; the launch options; plus the device, the debug flag and
+    the instrumentation mode Triton adds to the options. Anything else misses and launches normally."""
+
+    __slots__ = ("bind", "compiled", "globals_used", "types")
+
+    def __init__(self, kernel: Any, backend: Any, args: tuple, kwargs: dict) -> None:
+        self.bind, self.types = _make_binder(kernel, backend, args, kwargs)
+        self.compiled: dict[tuple, Any] = {}
+        self.globals_used = list(kernel.used_global_vals.items())
+
+
+def _is_descriptor(x: Any) -> bool:
+    return type(x).__name__ == "TensorDescriptor" and hasattr(x, "block_shape") and hasattr(x, "base")
+
+
+def _make_binder(kernel: Any, backend: Any, args: tuple, kwargs: dict) -> tuple[Callable[..., tuple], tuple]:
+    """Source-generated like Triton's create_function_from_signature: bind(*args, **kwargs) -> (key, ordered
+    arguments); key[0] is the tuple of argument types, which must equal the returned types for an entry to be kept.
+    An argument whose type changed either raises in bind (caught: normal launch) or gives a different key[0]."""
+    import torch
+    from triton._C.libtriton import native_specialize_impl
+
+    sig = kernel.signature.parameters
+    names = list(sig)
+    params = kernel.params
+    assert len(names) == len(params)
+    bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in sig})
+    bound.apply_defaults()
+    values = bound.arguments
+    type_parts, key_parts = [], []
+    for name, kp in zip(names, params):
+        x = values[name]
+        if kp.is_constexpr:
+            key_parts.append(f"type({name}), {name}")
+            continue
+        type_parts.append(f"type({name})")
+        if isinstance(x, torch.Tensor):
+            key_parts.append(f"{name}.dtype, {name}.data_ptr() & 15 == 0")
+        elif type(x) is int and kp.do_not_specialize:
+            key_parts.append(f"-0x80000000 <= {name} <= 0x7fffffff, {name} <= 0x7fffffffffffffff")
+        elif type(x) is int:
+            key_parts.append(name)
+        elif type(x) in (float, bool) or x is None:
+            key_parts.append(f"{name} is None")
+        elif _is_descriptor(x):
+            key_parts.append(f"{name}.base.dtype, {name}.base.data_ptr() & 15 == 0, tuple({name}.block_shape), "
+                             f"getattr({name}, 'layout', None), {name}.padding, tuple({name}.shape), "
+                             f"tuple({name}.strides)")
+        else:
+            key_parts.append(f"spec(backend, {name}, {kp.is_const}, {not kp.do_not_specialize}, "
+                             f"{not kp.do_not_specialize_on_alignment})")
+    defaults = {f"default_{name}": p.default for name, p in sig.items() if p.default is not p.empty}
+    arg_list = ", ".join(f"{name}=default_{name}" if f"default_{name}" in defaults else name for name in names)
+    src = (f"def bind({arg_list}, **options):\n"
+           f"    return ((({', '.join(type_parts)},), {', '.join(key_parts)}, tuple(options.items())), "
+           f"({', '.join(names)},))\n")
+    namespace: dict[str, Any] = {"spec": native_specialize_impl, "backend": backend, **defaults}
+    exec(src, namespace)
+    bind = namespace["bind"]
+    return bind, bind(*args, **kwargs)[0][0]
+
+
+_states: dict[Any, _KernelState] = {}
+
+
+def _hooks_clear(kernel: Any) -> bool:
+    """No launch hook (Triton's launch enter/exit chains, a JITFunction pre-run hook) that a fast launch would skip."""
+    for hook in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if hook is not None and (type(hook) is not HookChain or hook.calls):
+            return False
+    return not kernel.pre_run_hooks
+
+
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """kernel[grid](*args, **kwargs); once that has compiled (or found) the kernel for this specialization, later
+    calls with the same key go straight to the CompiledKernel's launcher. grid: a tuple of 1-3 ints."""
+    if not _enabled or interpreting() or type(grid) is not tuple:
+        kernel[grid](*args, **kwargs)
+        return
+    if not _hooks_clear(kernel):
+        kernel[grid](*args, **kwargs)
+        return
+    drv = driver.active
+    device = drv.get_current_device()
+    state = _states.get(kernel)
+    full_key = None
+    if state is not None:
+        try:
+            key, ordered = state.bind(*args, **kwargs)
+        except (AttributeError, TypeError):  # an argument of another type than the binder's: a normal launch
+            kernel[grid](*args, **kwargs)
+            return
+        full_key = (device, key, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+        compiled = state.compiled.get(full_key)
+        if compiled is not None and all(g.get(name, _MISSING) == val for (name, _), (val, g) in state.globals_used):
+            g1 = grid[1] if len(grid) > 1 else 1
+            g2 = grid[2] if len(grid) > 2 else 1
+            compiled.run(grid[0], g1, g2, drv.get_current_stream(device), compiled.function,
+                         compiled.packed_metadata, None, None, None, *ordered)
+            return
+    compiled = kernel[grid](*args, **kwargs)
+    if not _launchable(compiled):
+        return
+    if state is None:
+        state = _states[kernel] = _KernelState(kernel, kernel.device_caches[device][3], args, kwargs)
+        key, _ = state.bind(*args, **kwargs)
+        full_key = (device, key, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+    if full_key[1][0] != state.types:
+        return  # another argument type than the binder's (a tensor where an int was): not kept
+    if len(state.compiled) >= MAX_ENTRIES:
+        state.compiled.clear()
+    state.compiled[full_key] = compiled
+
+
+_MISSING = object()
+
+
+def _launchable(compiled: Any) -> bool:
+    """A finished CompiledKernel whose handles are loaded (not None from a hook, not an async-compile future)."""
+    return (compiled is not None and not hasattr(compiled, "result") and getattr(compiled, "function", None) is not None
+            and getattr(compiled, "_run", None) is not None)
+
+
+def cached_specializations(kernel: Any) -> int:
+    """How many specializations of `kernel` launch fast (tests, diagnostics)."""
+    state = _states.get(kernel)
+    return 0 if state is None else len(state.compiled)
