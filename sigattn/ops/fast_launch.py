@@ -44,9 +44,10 @@ class _KernelState:
     native_specialize_impl; constexprs by type and value; the launch options; plus the device, the debug flag and
     the instrumentation mode Triton adds to the options. Anything else misses and launches normally."""
 
-    __slots__ = ("bind", "compiled", "globals_used", "types")
+    __slots__ = ("bind", "compiled", "globals_used", "kernel", "types")
 
     def __init__(self, kernel: Any, backend: Any, args: tuple, kwargs: dict) -> None:
+        self.kernel = kernel
         self.bind, self.types = _make_binder(kernel, backend, args, kwargs)
         self.compiled: dict[tuple, Any] = {}
         self.globals_used = list(kernel.used_global_vals.items())
@@ -103,7 +104,9 @@ def _make_binder(kernel: Any, backend: Any, args: tuple, kwargs: dict) -> tuple[
     return bind, bind(*args, **kwargs)[0][0]
 
 
-_states: dict[Any, _KernelState] = {}
+# By id(kernel) (a JITFunction hashes its source-derived cache_key: ~2 µs per lookup); the state holds its kernel,
+# so the id is never reused while the entry lives, and the identity is checked on lookup.
+_states: dict[int, _KernelState] = {}
 
 
 def _hooks_clear(kernel: Any) -> bool:
@@ -125,7 +128,9 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         return
     drv = driver.active
     device = drv.get_current_device()
-    state = _states.get(kernel)
+    state = _states.get(id(kernel))
+    if state is not None and state.kernel is not kernel:
+        state = None
     full_key = None
     if state is not None:
         try:
@@ -135,7 +140,8 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
             return
         full_key = (device, key, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
         compiled = state.compiled.get(full_key)
-        if compiled is not None and all(g.get(name, _MISSING) == val for (name, _), (val, g) in state.globals_used):
+        if compiled is not None and (not state.globals_used or all(
+                g.get(name, _MISSING) == val for (name, _), (val, g) in state.globals_used)):
             g1 = grid[1] if len(grid) > 1 else 1
             g2 = grid[2] if len(grid) > 2 else 1
             compiled.run(grid[0], g1, g2, drv.get_current_stream(device), compiled.function,
@@ -145,7 +151,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
     if not _launchable(compiled):
         return
     if state is None:
-        state = _states[kernel] = _KernelState(kernel, kernel.device_caches[device][3], args, kwargs)
+        state = _states[id(kernel)] = _KernelState(kernel, kernel.device_caches[device][3], args, kwargs)
         key, _ = state.bind(*args, **kwargs)
         full_key = (device, key, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
     if full_key[1][0] != state.types:
@@ -166,5 +172,5 @@ def _launchable(compiled: Any) -> bool:
 
 def cached_specializations(kernel: Any) -> int:
     """How many specializations of `kernel` launch fast (tests, diagnostics)."""
-    state = _states.get(kernel)
-    return 0 if state is None else len(state.compiled)
+    state = _states.get(id(kernel))
+    return 0 if state is None or state.kernel is not kernel else len(state.compiled)
