@@ -89,6 +89,7 @@ def simulate_sm90() -> None:
     backward._gluon_bwd_ready = lambda q: q.dtype in gluon_types and q.shape[-1] in (64, 128)
     forward._gluon_ready = lambda q: q.dtype in gluon_types and q.shape[-1] == 128
     gluon_forward.cuda_capability = lambda device: (9, 0)
+    gluon_forward._num_sms = lambda device: 132
     original = gluon_forward.gluon_supports
 
     def supports(q, k, v):  # the real checks, with q's device type seen as cuda

@@ -520,7 +520,8 @@ def dense_bwd(
 
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
         if gluon_bwd_supports(do, q, k, v) is None:
-            return gluon_dense_bwd(do, q, k, v, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias)
+            return gluon_dense_bwd(do, q, k, v, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias,
+                                   checked=True)
     return launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
                       sigmoid_impl, configs, use_tma, need_dbias, fused_dq, None)
 

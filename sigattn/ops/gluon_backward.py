@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import triton
 from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -17,7 +16,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from sigattn.ops.gluon_forward import _seq_desc, _tanh_approx, gluon_supports
+from sigattn.ops.configs import cdiv
+from sigattn.ops.fast_launch import launch
+from sigattn.ops.gluon_forward import _rank3_desc, _seq_desc, _tanh_approx, gluon_supports
 from sigattn.ops.primitives import LOG2E
 
 # FlashAttention-3 backward layout. One CTA = 128 keys of one (batch, kv head); two consumer warpgroups own 64 keys
@@ -319,14 +320,6 @@ def _sigmoid_attn_bwd_gluon_kernel(
     ], [4, 1], [CONSUMER_REGS, 24])
 
 
-def _rank3_desc(t: torch.Tensor, rows: int, cols: int) -> TensorDescriptor:
-    """(B, N, H*D) view of t (B, N, H, D), tiles [1, rows, cols] (cols = D, or D / 2 for a half-head dQ tile)."""
-    b, n, h, d = t.shape
-    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, cols], gdt)
-    return TensorDescriptor(t, [b, n, h * d], [t.stride(0), t.stride(1), 1], [1, rows, cols], layout)
-
-
 # CUDA limits a grid's y dimension to 65535; the kernel's is batch * nheads_kv.
 MAX_GRID_Y = 65535
 
@@ -346,7 +339,7 @@ def gluon_bwd_supports(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 def gluon_dense_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | float,
                     scale: float, causal: bool, sigmoid_impl: str, need_dbias: bool = True,
-                    config: tuple[int, int, bool, int] | None = None,
+                    config: tuple[int, int, bool, int] | None = None, checked: bool = False,
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backward of sigmoid attention on Hopper. q, do (B, Nq, Hq, D), k/v (B, Nk, Hkv, D), D in {64, 128},
     bf16/fp16, Hq a multiple of Hkv (GQA: dK/dV summed over the group's query heads in-program, no atomics); bias a
@@ -354,8 +347,9 @@ def gluon_dense_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dtype, dbias fp32 (Hq,) (None when not need_dbias), as `backward.sigmoid_attn_bwd` (same P as the forward for
     both sigmoid_impl modes). dQ is accumulated in fp32 by TMA reduce-adds (order not fixed: not bitwise
     reproducible, like the portable fused_dq form). config: (block_m, stages, split_d, consumer regs); None takes
-    GLUON_BWD_CONFIGS. Raises ValueError where `gluon_bwd_supports` says no."""
-    why = gluon_bwd_supports(do, q, k, v)
+    GLUON_BWD_CONFIGS. Raises ValueError where `gluon_bwd_supports` says no (checked=True: the caller has just
+    asked it)."""
+    why = None if checked else gluon_bwd_supports(do, q, k, v)
     if why is not None:
         raise ValueError(f"gluon_dense_bwd: {why}")
     batch, seqlen_q, nheads_q, head_dim = q.shape
@@ -368,7 +362,8 @@ def gluon_dense_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv, dbias
     if not isinstance(bias, torch.Tensor):
         bias = torch.full((nheads_q,), float(bias), device=q.device)
-    bias = bias.to(device=q.device, dtype=torch.float32).expand(nheads_q).contiguous()
+    if bias.dtype is not torch.float32 or bias.shape != (nheads_q,) or bias.stride(0) != 1 or bias.device != q.device:
+        bias = bias.to(device=q.device, dtype=torch.float32).expand(nheads_q).contiguous()
     block_m, _, split_d, _ = config or GLUON_BWD_CONFIGS[head_dim]
     dq_m = block_m if split_d else block_m // 2
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -452,13 +447,15 @@ def _launch_bwd(descs: tuple[TensorDescriptor, ...], dk: torch.Tensor, dv: torch
     else:
         raise ValueError(f"sigmoid_impl must be 'fast' or 'accurate'; got {sigmoid_impl!r}")
     block_m, stages, split_d, regs = config or GLUON_BWD_CONFIGS[head_dim]
-    n_kblocks = triton.cdiv(seqlen_k, NUM_CONSUMERS * BLOCK_N)
-    dbias_part = torch.empty((batch, nheads_q, n_kblocks, NUM_CONSUMERS) if need_dbias else (1,),
-                             dtype=torch.float32, device=bias.device)
+    n_kblocks = cdiv(seqlen_k, NUM_CONSUMERS * BLOCK_N)
+    # Without need_dbias the kernel never touches its partials: the fp32 bias serves as the pointer (no allocation).
+    dbias_part = (torch.empty((batch, nheads_q, n_kblocks, NUM_CONSUMERS), dtype=torch.float32, device=bias.device)
+                  if need_dbias else bias)
     # 2 consumer warpgroups + one producer warp, padded to a warpgroup; setmaxnreg moves the producer's registers
     # to the consumers (2 x 128 x 240 + 128 x 24 <= 65536).
     nwarps = 4 * NUM_CONSUMERS + 4
-    _sigmoid_attn_bwd_gluon_kernel[(n_kblocks, batch * nheads_kv)](
+    launch(
+        _sigmoid_attn_bwd_gluon_kernel, (n_kblocks, batch * nheads_kv),
         *descs, dk, dv, dbias_part, bias, cu_q, cu_k,
         stride_kb, stride_kn, stride_bb, nheads_kv, nheads_q // nheads_kv, seqlen_q, seqlen_k, float(scale) * zf, zf,
         float(scale),

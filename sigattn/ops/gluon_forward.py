@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -17,7 +16,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from sigattn.ops.configs import cuda_capability
+from sigattn.ops.configs import cdiv, cuda_capability
+from sigattn.ops.fast_launch import launch
 from sigattn.ops.primitives import LOG2E
 
 # Per head dim: (query rows per consumer warpgroup, consumer warpgroups, key tile, K/V ring stages,
@@ -382,12 +382,31 @@ def _sigmoid_attn_fwd_gluon_kernel(
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
 
 
-def _rank3_desc(t: torch.Tensor, rows: int) -> TensorDescriptor:
-    """(B, N, H*D) view of t (B, N, H, D), tiles [1, rows, D] of one head."""
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+
+
+@functools.cache
+def _smem_layout(rows: int, cols: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The default NVMMA shared layout of a [1, rows, cols] tile (get_default_for costs ~7 µs of host time a call)."""
+    return gl.NVMMASharedLayout.get_default_for([1, rows, cols], _GL_DTYPES[dtype])
+
+
+def lean_desc(base, dtype: torch.dtype, shape: list[int], strides: list[int], rows: int,
+              cols: int) -> TensorDescriptor:
+    """TensorDescriptor with tiles [1, rows, cols] and the default layout, built without its __post_init__ (~3 µs):
+    the callers' supports checks (heads packed, 16-byte aligned base and rows) or a fresh contiguous allocation
+    cover its assertions, non-empty shapes are checked before, and block shapes come from the configs."""
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides, desc.block_shape = base, shape, strides, [1, rows, cols]
+    desc.layout, desc.padding = _smem_layout(rows, cols, dtype), "zero"
+    return desc
+
+
+def _rank3_desc(t: torch.Tensor, rows: int, cols: int | None = None) -> TensorDescriptor:
+    """(B, N, H*D) view of t (B, N, H, D), tiles [1, rows, cols] (cols None: D, one head)."""
     b, n, h, d = t.shape
-    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d], gdt)
-    return TensorDescriptor(t, [b, n, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d], layout)
+    sb, sn, _, _ = t.stride()
+    return lean_desc(t, t.dtype, [b, n, h * d], [sb, sn, 1], rows, d if cols is None else cols)
 
 
 class _ShiftedBase:
@@ -412,10 +431,9 @@ def _seq_desc(t: torch.Tensor, rows: int, cols: int, max_seqlen: int) -> TensorD
     dropped, exactly as the dense (B, N, H*D) view does past N. CUTLASS's varlen TMA uses the same construction
     (sm100 FMHA: batch stride = row stride, pointer moved back by max_length rows)."""
     total, h, d = t.shape
-    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[t.dtype]
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, cols], gdt)
-    return TensorDescriptor(_ShiftedBase(t, max_seqlen), [total + 1, max(max_seqlen, 1), h * d],
-                            [t.stride(0), t.stride(0), 1], [1, rows, cols], layout)
+    row = t.stride(0)
+    return lean_desc(_ShiftedBase(t, max_seqlen), t.dtype, [total + 1, max(max_seqlen, 1), h * d], [row, row, 1], rows,
+                     cols)
 
 
 @functools.cache
@@ -472,7 +490,8 @@ def gluon_dense_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
         return o.zero_()
     if not isinstance(bias, torch.Tensor):
         bias = torch.full((nheads_q,), float(bias), device=q.device)
-    bias = bias.to(device=q.device, dtype=torch.float32).expand(nheads_q).contiguous()
+    if bias.dtype is not torch.float32 or bias.shape != (nheads_q,) or bias.stride(0) != 1 or bias.device != q.device:
+        bias = bias.to(device=q.device, dtype=torch.float32).expand(nheads_q).contiguous()
     block_m, block_n = (config or GLUON_CONFIGS[head_dim])[0], (config or GLUON_CONFIGS[head_dim])[2]
     descs = (_rank3_desc(q, block_m), _rank3_desc(k, block_n), _rank3_desc(v, block_n), _rank3_desc(o, block_m))
     _launch(descs, bias, 0, bias, bias, batch, nheads_q, k.shape[2], head_dim, seqlen_q, seqlen_k, scale, causal,
@@ -551,7 +570,7 @@ def _launch(descs: tuple[TensorDescriptor, ...], bias: torch.Tensor, stride_bb: 
     else:
         raise ValueError(f"sigmoid_impl must be 'fast' or 'accurate'; got {sigmoid_impl!r}")
     block_m, consumers, block_n, stages, regs = config or GLUON_CONFIGS[head_dim]
-    n_items = triton.cdiv(seqlen_q, consumers * block_m) * batch * nheads_q
+    n_items = cdiv(seqlen_q, consumers * block_m) * batch * nheads_q
     schedule = default_schedule(seqlen_k) if schedule is None else schedule
     if schedule not in ("grid", "static", "dynamic"):
         raise ValueError(f"schedule must be 'grid', 'static' or 'dynamic'; got {schedule!r}")
@@ -562,7 +581,8 @@ def _launch(descs: tuple[TensorDescriptor, ...], bias: torch.Tensor, stride_bb: 
     # Total warps: 4 per consumer + one producer warp, padded to a warpgroup; maxnreg caps the register file
     # (65536 / threads) and setmaxnreg moves the producer's share to the consumers.
     nwarps = 4 * consumers + 4
-    _sigmoid_attn_fwd_gluon_kernel[grid](
+    launch(
+        _sigmoid_attn_fwd_gluon_kernel, grid,
         *descs, bias, counter, cu_q, cu_k, nheads_q, nheads_q // nheads_kv, seqlen_q, seqlen_k, n_items, stride_bb,
         float(scale) * zf, zf,
         IS_CAUSAL=causal, DYNAMIC=dynamic, SIGMOID=mode, PINGPONG=pingpong, NUM_CONSUMERS=consumers,

@@ -29,9 +29,10 @@ def routes(monkeypatch):
     """Pretend to be an sm_90 GPU the Gluon backward supports; record which launcher each call reaches."""
     seen: list[str] = []
 
-    def gluon(do, q, k, v, bias, scale, causal, impl, need_dbias=True):
+    def gluon(do, q, k, v, bias, scale, causal, impl, need_dbias=True, checked=False):
         seen.append("gluon")
         assert do.is_contiguous()
+        assert checked  # the dispatch has just asked gluon_bwd_supports: no second check
         z = torch.zeros_like(q)
         return z, torch.zeros_like(k), torch.zeros_like(v), torch.zeros(q.shape[2]) if need_dbias else None
 

@@ -234,6 +234,33 @@ def test_interpreter_runs_kernels_normally(device):
     assert not fast_launch.enabled()
 
 
+@pytest.mark.parametrize("dtype,rows,cols", [(torch.bfloat16, 128, None), (torch.float16, 64, None),
+                                             (torch.float32, 64, 32)])
+def test_lean_gluon_descriptors_equal_validated_ones(dtype, rows, cols):
+    """gluon_forward builds its descriptors without TensorDescriptor.__post_init__ and with a cached layout: the
+    fields, and so Triton's specialization of them, must be those of a validated descriptor."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from sigattn.ops import gluon_forward
+
+    t = torch.zeros(2, 48, 4, 64, dtype=dtype)[:, :40]  # a strided (B, N, H, D) view
+    lean = gluon_forward._rank3_desc(t, rows, cols)
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    block = [1, rows, cols or 64]
+    ref = TensorDescriptor(t, [2, 40, 256], [t.stride(0), t.stride(1), 1], block,
+                           gl.NVMMASharedLayout.get_default_for(block, gdt))
+    for field in ("shape", "strides", "block_shape", "layout", "padding"):
+        assert getattr(lean, field) == getattr(ref, field), field
+    assert lean.base is ref.base
+    assert triton_jit.mangle_type(lean) == triton_jit.mangle_type(ref)
+    packed = torch.zeros(100, 4, 64, dtype=dtype)
+    seq = gluon_forward._seq_desc(packed, rows, cols or 64, 37)
+    assert seq.shape == [101, 37, 256] and seq.strides == [256, 256, 1] and seq.block_shape == block
+    assert seq.layout == ref.layout and seq.padding == "zero"
+    assert seq.base.data_ptr() == packed.data_ptr() - 37 * 256 * packed.element_size()
+
+
 # GPU: fast and normal launches give bitwise the same outputs (portable forward/backward kernels, both dQ forms, and
 # the Gluon forward/backward on sm_90).
 
