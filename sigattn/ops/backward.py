@@ -556,19 +556,42 @@ def sigmoid_attn_varlen_bwd(
     Returns (dq, dk, dv, dbias) with dbias fp32 of bias's shape ((Hq,) or (B, Hq)); forms as `sigmoid_attn_bwd`.
     The Gluon backward's VARLEN form serves what `dense_bwd` sends to Gluon, (B, Hq) bias included (the varlen API
     always passes one), under the same switch."""
+    dq, dk, dv, dbias = varlen_bwd(do, q, k, v, varlen, bias, scale, causal, window_left, window_right, alibi_slopes,
+                                   deterministic, sigmoid_impl, need_dbias, configs, use_tma, fused_dq)
+    return dq, dk, dv, _zeros_if_none(dbias, bias, q)
+
+
+def varlen_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    varlen: Varlen,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+    need_dbias: bool,
+    configs: tuple[AttnConfig, AttnConfig] | None = None,
+    use_tma: bool | None = None,
+    fused_dq: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """sigmoid_attn_varlen_bwd's dispatch (Gluon VARLEN where it serves, else launch_bwd) with dbias None when not
+    need_dbias, as `dense_bwd` (the eager autograd path discards it; a zero fill would cost a launch)."""
     if (not deterministic and configs is None and use_tma is None and fused_dq is None and alibi_slopes is None
             and window_left < 0 and (window_right < 0 or causal) and bias.dim() <= 2 and _gluon_bwd_ready(q)):
         from sigattn.ops.gluon_backward import gluon_varlen_bwd, gluon_varlen_bwd_supports
 
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
         if gluon_varlen_bwd_supports(do, q, k, v, varlen.cu_seqlens_q.numel() - 1) is None:
-            dq, dk, dv, dbias = gluon_varlen_bwd(do, q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k,
-                                                 varlen.max_seqlen_q, varlen.max_seqlen_k, bias, scale, causal,
-                                                 sigmoid_impl, need_dbias=need_dbias)
-            return dq, dk, dv, _zeros_if_none(dbias, bias, q)
-    dq, dk, dv, dbias = launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes,
-                                   deterministic, sigmoid_impl, configs, use_tma, need_dbias, fused_dq, varlen)
-    return dq, dk, dv, _zeros_if_none(dbias, bias, q)
+            return gluon_varlen_bwd(do, q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q,
+                                    varlen.max_seqlen_k, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias)
+    return launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
+                      sigmoid_impl, configs, use_tma, need_dbias, fused_dq, varlen)
 
 
 def _zeros_if_none(dbias: torch.Tensor | None, bias: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from sigattn.ops import backward
-from sigattn.ops.backward import launch_bwd, sigmoid_attn_bwd, sigmoid_attn_varlen_bwd
+from sigattn.ops.backward import sigmoid_attn_bwd, sigmoid_attn_varlen_bwd
 from sigattn.ops.forward import Varlen, sigmoid_attn_fwd, sigmoid_attn_varlen_fwd
 
 
@@ -308,9 +308,10 @@ class _VarlenFn(torch.autograd.Function):
         q, k, v, cu_q, cu_k, bias, alibi_slopes = ctx.saved_tensors
         max_q, max_k, scale, causal, window_left, window_right, deterministic, sigmoid_impl = ctx.args
         need_dbias = bool(ctx.needs_input_grad[7])
-        dq, dk, dv, dbias = launch_bwd(
-            do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl,
-            None, None, need_dbias, None, Varlen(cu_q, cu_k, max_q, max_k),
+        # The op's dispatch (the Gluon VARLEN backward where it serves), without the dbias zero fill.
+        dq, dk, dv, dbias = backward.varlen_bwd(
+            do, q, k, v, Varlen(cu_q, cu_k, max_q, max_k), bias, scale, causal, window_left, window_right,
+            alibi_slopes, deterministic, sigmoid_impl, need_dbias,
         )
         dbias = dbias.to(bias.dtype) if need_dbias else None
         return (dq, dk, dv, None, None, None, None, dbias) + (None,) * 7

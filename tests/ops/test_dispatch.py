@@ -237,6 +237,23 @@ def test_switches_off_keep_the_portable_varlen_kernels(varlen_routes):
     assert varlen_routes == ["portable-fwd", "portable-bwd"]
 
 
+@pytest.mark.parametrize("through_op", [False, True])
+def test_varlen_autograd_paths_reach_the_dispatch(varlen_routes, through_op):
+    """Eager autograd (_VarlenFn) and the custom op's registered backward both reach the varlen dispatch (eager
+    called the portable launcher directly, so eager varlen training never reached the Gluon VARLEN backward)."""
+    from sigattn.ops import custom_ops
+
+    q = torch.randn(8, 2, 64, requires_grad=True)
+    k, v = (torch.randn(9, 1, 64, requires_grad=True) for _ in range(2))
+    cu_q, cu_k = torch.tensor([0, 5, 8], dtype=torch.int32), torch.tensor([0, 7, 9], dtype=torch.int32)
+    bias = torch.zeros(2, 2)
+    args = (q, k, v, cu_q, cu_k, 5, 7, bias, 0.125, True, -1, 0, None, False, "fast")
+    out = torch.ops.sigattn.varlen_fwd(*args) if through_op else custom_ops.sigmoid_attn_varlen(*args)
+    out.sum().backward()
+    assert varlen_routes == ["gluon-fwd", "gluon-bwd"]
+    assert q.grad is not None and k.grad is not None
+
+
 def test_gluon_varlen_backward_refuses_grids_past_cuda_limit():
     """batch * kv heads is the varlen grid's y dimension too (CPU tensors: checked before any device facts)."""
     q = torch.empty(64, 8, 64)
