@@ -177,8 +177,18 @@ def main() -> None:
         forward._launch_fwd(q.detach(), k.detach(), v.detach(), bias, scale, True, -1, 0, None, "fast", None, None,
                             None)
 
+    lens = [100, 156, 128, 128]  # varlen: 4 sequences, 512 tokens packed
+    cu = torch.tensor([0, 100, 256, 384, 512], dtype=torch.int32)
+    qv, kv, vv = (torch.randn(sum(lens), h, d, dtype=dt, requires_grad=True) for _ in range(3))
+    dov = torch.randn(sum(lens), h, d, dtype=dt)
+
+    def varlen_fwd_bwd():
+        out = custom_ops.sigmoid_attn_varlen(qv, kv, vv, cu, cu, max(lens), max(lens), bias, scale, True, -1, 0, None,
+                                             False, "fast")
+        out.backward(dov)
+
     rows = [("dense fwd", fwd), ("dense bwd (direct)", bwd_direct), ("dense fwd+bwd", fwd_bwd),
-            ("portable fwd launcher", launch_only)]
+            ("portable fwd launcher", launch_only), ("varlen fwd+bwd", varlen_fwd_bwd)]
     try:
         from sigattn.ops import fast_launch  # noqa: F401
         modes: list[bool | None] = [False, True]
