@@ -163,6 +163,13 @@ def main() -> None:
     # Python autograd node adds to the floor (autograd runs CUDA backward nodes on a device thread that needs the GIL).
     print(f"  {'floor + Python node':22s} {per_call(pynode_fb, sync, args.n):9.1f}")
     print(f"  {'dense bwd (direct)':22s} {per_call(ours_bwd_direct, sync, args.n):9.1f}")
+    from sigattn.ops import fast_launch
+
+    if fast_launch.enabled():  # the same rows with every launch through Triton's JITFunction.run (A/B in one run)
+        fast_launch.set_enabled(False)
+        for name, fn in (("dense fwd", ours_fwd), ("dense fwd+bwd", ours_fb), ("dense bwd (direct)", ours_bwd_direct)):
+            print(f"  {name + ', no fast':22s} {per_call(fn, sync, args.n):9.1f}")
+        fast_launch.set_enabled(True)
     if args.profile:
         for name, ours, _ in rows + [("dense bwd (direct)", ours_bwd_direct, None)]:
             print(f"\n=== cProfile: {name}, 200 calls, by cumulative time ===")
