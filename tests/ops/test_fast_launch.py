@@ -304,9 +304,35 @@ def test_gpu_fast_launch_bitwise(head_dim, gluon, deterministic, device):
         torch.testing.assert_close(dq, f_dq)
     else:
         assert torch.equal(dq, f_dq)
-    kernels = [forward._sigmoid_attn_fwd_kernel, backward._sigmoid_attn_bwd_dkdv_kernel]
-    if gluon:
-        from sigattn.ops import gluon_backward
+    from sigattn.ops import gluon_backward, gluon_forward
 
-        kernels = [gluon_backward._sigmoid_attn_bwd_gluon_kernel]
-    assert any(fast_launch.cached_specializations(kern) for kern in kernels)
+    kernels = [forward._sigmoid_attn_fwd_kernel, backward._sigmoid_attn_bwd_dkdv_kernel,
+               backward._sigmoid_attn_bwd_dq_kernel, gluon_forward._sigmoid_attn_fwd_gluon_kernel,
+               gluon_backward._sigmoid_attn_bwd_gluon_kernel]
+    assert sum(fast_launch.cached_specializations(kern) for kern in kernels) >= 2  # forward and backward went fast
+
+
+@pytest.mark.gpu
+def test_gpu_fast_launch_under_cuda_graph_capture(device):
+    """Fast launches go to the current stream, so a captured graph replays them (side stream, as torch requires)."""
+    from sigattn.ops import backward, forward
+
+    q, k, v, do = (torch.randn(2, 200, 4, 64, device=device, dtype=torch.bfloat16) for _ in range(4))
+    bias = torch.full((4,), -5.0, device=device)
+
+    def step():
+        out = forward.sigmoid_attn_fwd(q, k, v, bias, 0.125, True, -1, -1, None, "fast")
+        return (out, *backward.sigmoid_attn_bwd(do, q, k, v, bias, 0.125, True, -1, -1, None, True, "fast"))
+
+    eager = [step() for _ in range(3)][-1]  # warm: compiled, and the fast tables hold every launch
+    assert fast_launch.cached_specializations(forward._sigmoid_attn_fwd_kernel) >= 1
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        captured = step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, captured):
+        assert torch.equal(a, b)
