@@ -12,6 +12,7 @@ from sigattn.ops.configs import (
     cdiv,
     fp32_contiguous,
     gluon_backward_enabled,
+    gluon_varlen_enabled,
     interpreting,
     launch_fitting,
     next_pow2,
@@ -580,10 +581,12 @@ def varlen_bwd(
     use_tma: bool | None = None,
     fused_dq: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """sigmoid_attn_varlen_bwd's dispatch (Gluon VARLEN where it serves, else launch_bwd) with dbias None when not
+    """sigmoid_attn_varlen_bwd's dispatch (Gluon VARLEN where it serves and the experimental configs.set_gluon_varlen
+    is on, else launch_bwd) with dbias None when not
     need_dbias, as `dense_bwd` (the eager autograd path discards it; a zero fill would cost a launch)."""
     if (not deterministic and configs is None and use_tma is None and fused_dq is None and alibi_slopes is None
-            and window_left < 0 and (window_right < 0 or causal) and bias.dim() <= 2 and _gluon_bwd_ready(q)):
+            and window_left < 0 and (window_right < 0 or causal) and bias.dim() <= 2 and gluon_varlen_enabled()
+            and _gluon_bwd_ready(q)):
         from sigattn.ops.gluon_backward import gluon_varlen_bwd, gluon_varlen_bwd_supports
 
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows

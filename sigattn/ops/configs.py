@@ -365,6 +365,26 @@ def set_gluon_backward(enabled: bool) -> None:
     _gluon_backward = enabled
 
 
+# The Gluon kernels' VARLEN form is experimental and OFF by default: its first GPU run (session 4, H100) hit an
+# illegal memory access in the forward (tests/ops/test_gluon_varlen.py, case 0, grid schedule), so varlen calls keep
+# the portable Triton kernels unless SIGATTN_GLUON_VARLEN=1 (or set_gluon_varlen(True)) opts in.
+_gluon_varlen = os.environ.get("SIGATTN_GLUON_VARLEN", "0") == "1"
+
+
+def gluon_varlen_enabled() -> bool:
+    """Whether varlen calls the Gluon kernels support go to their VARLEN form (experimental, default off)."""
+    return _gluon_varlen
+
+
+def set_gluon_varlen(enabled: bool) -> None:
+    """Route supported varlen calls to the Gluon kernels' VARLEN form (experimental) or keep the portable kernels
+    (False, the default). The dense Gluon switches apply as well."""
+    global _gluon_varlen
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool; got {type(enabled).__name__}")
+    _gluon_varlen = enabled
+
+
 def launch_fitting(kernel, grid: tuple[int, ...], *args, num_stages: int, **kwargs) -> None:
     """kernel[grid](*args, num_stages=num_stages, **kwargs), retried with one pipeline stage fewer each time Triton
     reports that the compiled kernel needs more shared memory than the GPU has. A safety net, not the plan: the sm_90

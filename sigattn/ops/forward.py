@@ -16,6 +16,7 @@ from sigattn.ops.configs import (
     forward_config,
     fp32_contiguous,
     gluon_forward_enabled,
+    gluon_varlen_enabled,
     interpreting,
     launch_fitting,
     next_pow2,
@@ -448,9 +449,9 @@ def sigmoid_attn_varlen_fwd(
     """Launch the forward kernel on packed sequences. q (total_q, Hq, D), k/v (total_k, Hkv, D), bias fp32 (Hq,) or
     (B, Hq), alibi_slopes fp32 (B, Hq) or None; causal/window bottom-right aligned per sequence.
     Returns o (total_q, Hq, D) in q's dtype. The Gluon kernel's VARLEN form serves what the dense dispatch sends to
-    Gluon (`sigmoid_attn_fwd`), under the same switch."""
+    Gluon (`sigmoid_attn_fwd`), under the same switch, when the experimental configs.set_gluon_varlen is on."""
     if (config is None and use_tma is None and alibi_slopes is None and window_left < 0
-            and (window_right < 0 or causal) and _gluon_ready(q)):
+            and (window_right < 0 or causal) and gluon_varlen_enabled() and _gluon_ready(q)):
         from sigattn.ops.gluon_forward import gluon_varlen_fwd, gluon_varlen_supports
 
         if gluon_varlen_supports(q, k, v) is None:

@@ -172,6 +172,7 @@ def varlen_routes(monkeypatch):
         seen.append("portable-bwd")
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None
 
+    monkeypatch.setattr(configs, "_gluon_varlen", True)  # the experimental opt-in (default off)
     monkeypatch.setattr(forward, "_gluon_ready", lambda q: configs.gluon_forward_enabled())
     monkeypatch.setattr(gluon_forward, "gluon_varlen_supports", lambda q, k, v: None)
     monkeypatch.setattr(gluon_forward, "gluon_varlen_fwd", gluon_fwd)
@@ -272,3 +273,13 @@ def test_gluon_forward_default_schedule():
     assert gluon_forward.default_schedule(limit) == "static"
     assert gluon_forward.default_schedule(limit + 1) == "grid"
     assert gluon_forward.default_schedule(16384) == "grid"
+
+
+def test_varlen_gluon_is_opt_in(varlen_routes, monkeypatch):
+    """The Gluon VARLEN form is experimental (an illegal memory access on its first H100 run): without the opt-in,
+    varlen calls keep the portable kernels even where the Gluon kernels would serve."""
+    monkeypatch.setattr(configs, "_gluon_varlen", False)
+    _varlen_call("fwd"), _varlen_call("bwd")
+    assert varlen_routes == ["portable-fwd", "portable-bwd"]
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        configs.set_gluon_varlen(1)
