@@ -165,11 +165,13 @@ def main() -> None:
     print(f"  {'dense bwd (direct)':22s} {per_call(ours_bwd_direct, sync, args.n):9.1f}")
     from sigattn.ops import fast_launch
 
-    if fast_launch.enabled():  # the same rows with every launch through Triton's JITFunction.run (A/B in one run)
-        fast_launch.set_enabled(False)
+    if not fast_launch.interpreting():  # the same rows with the other fast_launch setting (A/B in one run)
+        before = fast_launch.enabled()
+        fast_launch.set_enabled(not before)
+        tag = ", no fast" if before else ", fast"
         for name, fn in (("dense fwd", ours_fwd), ("dense fwd+bwd", ours_fb), ("dense bwd (direct)", ours_bwd_direct)):
-            print(f"  {name + ', no fast':22s} {per_call(fn, sync, args.n):9.1f}")
-        fast_launch.set_enabled(True)
+            print(f"  {name + tag:22s} {per_call(fn, sync, args.n):9.1f}")
+        fast_launch.set_enabled(before)
     if args.profile:
         for name, ours, _ in rows + [("dense bwd (direct)", ours_bwd_direct, None)]:
             print(f"\n=== cProfile: {name}, 200 calls, by cumulative time ===")

@@ -13,8 +13,10 @@ from triton.runtime.driver import driver
 
 from sigattn.ops.configs import interpreting
 
-# SIGATTN_FAST_LAUNCH=0 (or set_enabled(False)) sends every launch through kernel[grid](...).
-_enabled = os.environ.get("SIGATTN_FAST_LAUNCH", "1") != "0"
+# Opt-in (SIGATTN_FAST_LAUNCH=1 or set_enabled(True)) until a GPU run has checked it: written and CPU-tested in session
+# 4 (bench/NOTES.md "Host path v3"), when the device budget was spent before its GPU tests could run. Off, every launch
+# goes through kernel[grid](...).
+_enabled = os.environ.get("SIGATTN_FAST_LAUNCH", "0") == "1"
 MAX_ENTRIES = 256  # specializations kept per kernel; past that the kernel's table is cleared (a leak guard)
 
 
@@ -24,7 +26,8 @@ def enabled() -> bool:
 
 
 def set_enabled(on: bool) -> None:
-    """Allow (True, the default unless SIGATTN_FAST_LAUNCH=0) or forbid fast launches; forbidding drops the tables."""
+    """Allow (True; default only with SIGATTN_FAST_LAUNCH=1) or forbid (False, the default) fast launches; either
+    drops the tables."""
     global _enabled
     if not isinstance(on, bool):
         raise TypeError(f"on must be a bool; got {type(on).__name__}")

@@ -21,6 +21,14 @@ from triton.runtime.driver import driver  # noqa: E402
 from sigattn.ops import fast_launch  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _restore_switch():
+    """Tests flip the process-wide switch; each leaves it as it found it (the default is off)."""
+    before = fast_launch._enabled
+    yield
+    fast_launch.set_enabled(before)
+
+
 def _probe(X, Y, n, m, f, flag, BLOCK: tl.constexpr, MODE: tl.constexpr = 0):
     pass
 
@@ -219,11 +227,16 @@ def test_table_is_bounded(kernel, monkeypatch):
 
 
 def test_env_switch(monkeypatch):
-    monkeypatch.setenv("SIGATTN_FAST_LAUNCH", "0")
+    """Opt-in until a GPU run has checked it: off unless SIGATTN_FAST_LAUNCH=1."""
     try:
-        assert not importlib.reload(fast_launch).enabled()
+        monkeypatch.delenv("SIGATTN_FAST_LAUNCH", raising=False)
+        assert not importlib.reload(fast_launch)._enabled
+        monkeypatch.setenv("SIGATTN_FAST_LAUNCH", "0")
+        assert not importlib.reload(fast_launch)._enabled
+        monkeypatch.setenv("SIGATTN_FAST_LAUNCH", "1")
+        assert importlib.reload(fast_launch)._enabled
     finally:
-        monkeypatch.delenv("SIGATTN_FAST_LAUNCH")
+        monkeypatch.delenv("SIGATTN_FAST_LAUNCH", raising=False)
         importlib.reload(fast_launch)
 
 
@@ -266,10 +279,7 @@ def test_lean_gluon_descriptors_equal_validated_ones(dtype, rows, cols):
 
 def _run(fn, fast: bool):
     fast_launch.set_enabled(fast)
-    try:
-        return [fn() for _ in range(3)]  # the first call compiles or launches normally; later ones may go fast
-    finally:
-        fast_launch.set_enabled(True)
+    return [fn() for _ in range(3)]  # the first call compiles or launches normally; later ones may go fast
 
 
 @pytest.mark.gpu
