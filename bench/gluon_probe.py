@@ -28,7 +28,7 @@ def compile_fwd(d: int, causal: bool, pingpong: bool, mode: int = 1, config: tup
     t = torch.empty(b, n, h, d, dtype=torch.bfloat16)
     fn = gf._sigmoid_attn_fwd_gluon_kernel
     if varlen:
-        p = t.reshape(b * n, h, d)
+        p = torch.empty(b * n + n, h, d, dtype=torch.bfloat16)[n:]  # n rows of headroom (_seq_desc)
         descs = dict(q_desc=gf._seq_desc(p, block_m, d, n), k_desc=gf._seq_desc(p, block_n, d, n),
                      v_desc=gf._seq_desc(p, block_n, d, n), o_desc=gf._seq_desc(p, block_m, d, n))
     else:
@@ -63,7 +63,8 @@ def compile_bwd(d: int, causal: bool, mode: int = 1, dbias: bool = False, config
     fn = gb._sigmoid_attn_bwd_gluon_kernel
     kv_rows = gb.NUM_CONSUMERS * gb.BLOCK_N
     if varlen:
-        p, pacc = t.reshape(b * n, h, d), acc.reshape(b * n, h, d)
+        p = torch.empty(b * n + n, h, d, dtype=torch.bfloat16)[n:]  # n rows of headroom (_seq_desc)
+        pacc = torch.empty(b * n + n, h, d, dtype=torch.float32)[n:]
         descs = dict(q_desc=gf._seq_desc(p, block_m, d, n), do_desc=gf._seq_desc(p, block_m, d, n),
                      k_desc=gf._seq_desc(p, kv_rows, d, n), v_desc=gf._seq_desc(p, kv_rows, d, n),
                      dq_desc=gf._seq_desc(pacc, dq_m, gb.DQ_CHUNK, n))

@@ -18,7 +18,14 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from sigattn.ops.configs import cdiv
 from sigattn.ops.fast_launch import launch
-from sigattn.ops.gluon_forward import _rank3_desc, _seq_desc, _tanh_approx, gluon_supports
+from sigattn.ops.gluon_forward import (
+    _rank3_desc,
+    _seq_desc,
+    _tanh_approx,
+    empty_with_headroom,
+    gluon_supports,
+    with_headroom,
+)
 from sigattn.ops.primitives import LOG2E
 
 # FlashAttention-3 backward layout. One CTA = 128 keys of one (batch, kv head); two consumer warpgroups own 64 keys
@@ -418,7 +425,10 @@ def gluon_varlen_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv, dbias
     block_m, _, split_d, _ = config or GLUON_BWD_CONFIGS[head_dim]
     dq_m = block_m if split_d else block_m // 2
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    # Every view needs max_seqlen rows of headroom (`gluon_forward._seq_desc`): inputs without it are copied.
+    q, do = with_headroom(q, max_seqlen_q), with_headroom(do, max_seqlen_q)
+    k, v = with_headroom(k, max_seqlen_k), with_headroom(v, max_seqlen_k)
+    dq_acc = empty_with_headroom(q.shape, torch.float32, q.device, max_seqlen_q, zero=True)
     kv_rows = NUM_CONSUMERS * BLOCK_N
     descs = (_seq_desc(q, block_m, head_dim, max_seqlen_q), _seq_desc(do, block_m, head_dim, max_seqlen_q),
              _seq_desc(k, kv_rows, head_dim, max_seqlen_k), _seq_desc(v, kv_rows, head_dim, max_seqlen_k),

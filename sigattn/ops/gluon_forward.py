@@ -409,17 +409,22 @@ def _rank3_desc(t: torch.Tensor, rows: int, cols: int | None = None) -> TensorDe
     return lean_desc(t, t.dtype, [b, n, h * d], [sb, sn, 1], rows, d if cols is None else cols)
 
 
-class _ShiftedBase:
-    """Base address `rows` rows before t's first row, for `_seq_desc` (TMA never touches it: every element the view
-    lets through lies inside t). Holds t so that the memory outlives the descriptor."""
+def empty_with_headroom(shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device, rows: int,
+                        zero: bool = False) -> torch.Tensor:
+    """A new contiguous tensor (zeros if zero) of `shape` placed `rows` rows into its buffer (see `with_headroom`)."""
+    buf = (torch.zeros if zero else torch.empty)((rows + shape[0], *shape[1:]), dtype=dtype, device=device)
+    return buf[rows:]
 
-    def __init__(self, t: torch.Tensor, rows: int) -> None:
-        self.tensor = t
-        self.dtype = t.dtype
-        self.ptr = t.data_ptr() - rows * t.stride(0) * t.element_size()
 
-    def data_ptr(self) -> int:
-        return self.ptr
+def with_headroom(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t when its storage holds at least `rows` rows (of t's row stride) before its first row, else a contiguous
+    copy of t placed `rows` rows into a new buffer. `_seq_desc` needs that headroom: its
+    view's base lies max_seqlen rows before t, and every row of the window [end - max_seqlen, end) of a sequence
+    whose tile crosses its end must be memory of this allocation (bench/NOTES.md, "v8 fix"). The rows before t are
+    never part of any result; their contents do not matter."""
+    if t.storage_offset() >= rows * t.stride(0):
+        return t
+    return empty_with_headroom(t.shape, t.dtype, t.device, rows).copy_(t)
 
 
 def _seq_desc(t: torch.Tensor, rows: int, cols: int, max_seqlen: int) -> TensorDescriptor:
@@ -429,11 +434,19 @@ def _seq_desc(t: torch.Tensor, rows: int, cols: int, max_seqlen: int) -> TensorD
     start) + m, c], which is inside the view iff m < end - start: TMA loads read zeros past the sequence (not the
     next sequence's rows, which may hold anything, inf and NaN included) and stores / reduce-adds past it are
     dropped, exactly as the dense (B, N, H*D) view does past N. CUTLASS's varlen TMA uses the same construction
-    (sm100 FMHA: batch stride = row stride, pointer moved back by max_length rows)."""
+    (sm100 FMHA: batch stride = row stride, pointer moved back by max_length rows) on buffers with padding in front
+    (its example 77 allocates it): t must have max_seqlen rows of headroom in its own storage (`with_headroom`),
+    so that the base and every row at [e, 0 .. max_seqlen) lie inside the allocation. Without it the first H100 run
+    faulted (illegal memory access) exactly where a tile crossed the end of a sequence ending less than max_seqlen
+    rows into the tensor. Raises ValueError without the headroom."""
     total, h, d = t.shape
     row = t.stride(0)
-    return lean_desc(_ShiftedBase(t, max_seqlen), t.dtype, [total + 1, max(max_seqlen, 1), h * d], [row, row, 1], rows,
-                     cols)
+    max_seqlen = max(max_seqlen, 1)
+    if t.storage_offset() < max_seqlen * row:
+        raise ValueError(f"_seq_desc: needs {max_seqlen} rows of headroom before the tensor (with_headroom); has "
+                         f"{t.storage_offset() // row}")
+    base = torch.as_strided(t, (1,), (1,), t.storage_offset() - max_seqlen * row)
+    return lean_desc(base, t.dtype, [total + 1, max_seqlen, h * d], [row, row, 1], rows, cols)
 
 
 @functools.cache
@@ -522,13 +535,17 @@ def gluon_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"gluon_varlen_fwd: {why}")
     total_q, nheads_q, head_dim = q.shape
     batch = cu_seqlens_q.numel() - 1
-    o = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
-    if o.shape != q.shape or o.dtype != q.dtype or not o.is_contiguous():
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous()):
         raise ValueError("gluon_varlen_fwd: out must be contiguous with q's shape and dtype")
-    if o.numel() == 0 or batch <= 0 or max_seqlen_q <= 0:
-        return o
+    if q.numel() == 0 or batch <= 0 or max_seqlen_q <= 0:
+        return torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     if k.shape[0] == 0 or max_seqlen_k <= 0:
-        return o.zero_()
+        return (torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out).zero_()
+    # Every view needs max_seqlen rows of headroom (`_seq_desc`): inputs without it are copied, a given `out`
+    # without it is written through a copy (rows no sequence covers keep out's values).
+    q, k, v = with_headroom(q, max_seqlen_q), with_headroom(k, max_seqlen_k), with_headroom(v, max_seqlen_k)
+    o = (empty_with_headroom(q.shape, q.dtype, q.device, max_seqlen_q) if out is None
+         else with_headroom(out, max_seqlen_q))
     if not isinstance(bias, torch.Tensor):
         bias = torch.full((nheads_q,), float(bias), device=q.device)
     bias = bias.to(device=q.device, dtype=torch.float32)
@@ -542,6 +559,9 @@ def gluon_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     _launch(descs, bias, stride_bb, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), batch, nheads_q,
             k.shape[1], head_dim, max_seqlen_q, max_seqlen_k, scale, causal, sigmoid_impl, pingpong, schedule, config,
             True)
+    if out is not None and o is not out:
+        out.copy_(o)
+        return out
     return o
 
 

@@ -252,7 +252,7 @@ def test_seq_desc_clips_at_each_sequence_end(lens):
     from sigattn.ops.gluon_forward import _seq_desc
 
     total, max_len, block = sum(lens), max(lens), 64
-    t = torch.empty(total + 3, 2, 64, dtype=torch.bfloat16)
+    t = torch.empty(max_len + total + 3, 2, 64, dtype=torch.bfloat16)[max_len:]  # headroom: see _seq_desc
     desc = _seq_desc(t, block, 64, max_len)
     assert desc.strides == [t.stride(0), t.stride(0), 1] and desc.block_shape == [1, block, 64]
     start = 0
@@ -263,3 +263,122 @@ def test_seq_desc_clips_at_each_sequence_end(lens):
             assert got == want, (lens, n, m0)
             assert all(0 <= r < total for r in got if r is not None)
         start += n
+
+
+def test_seq_desc_needs_headroom():
+    """CPU: the clipping view refuses a tensor without max_seqlen rows of its own storage before it; with_headroom
+    keeps a tensor that has them and copies one that has not."""
+    from sigattn.ops.gluon_forward import _seq_desc, with_headroom
+
+    t = torch.randn(50, 2, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="headroom"):
+        _seq_desc(t, 64, 64, 8)
+    padded = with_headroom(t, 8)
+    assert torch.equal(padded, t) and padded.storage_offset() == 8 * t.stride(0)
+    assert with_headroom(padded, 8) is padded and with_headroom(padded, 5) is padded
+    desc = _seq_desc(padded, 64, 64, 8)
+    assert desc.base.data_ptr() == padded.untyped_storage().data_ptr()
+
+
+def _cu_list(lens: list[int]) -> list[int]:
+    out = [0]
+    for n in lens:
+        out.append(out[-1] + n)
+    return out
+
+
+def _fwd_boxes(lq, lk, hq, d, causal):
+    """(descriptor index, sequence rows [s, e), coord [e, r], box rows) of every TMA box the forward kernel's
+    producer loads and consumers store (`_work_item` replayed; every schedule runs each item once)."""
+    from sigattn.ops.gluon_forward import GLUON_CONFIGS
+
+    block_m, consumers, block_n = GLUON_CONFIGS[d][:3]
+    cta, mq, mk, cq, ck = consumers * block_m, max(lq), max(lk), _cu_list(lq), _cu_list(lk)
+    n_mblocks = math.ceil(mq / cta)
+    for t in range(n_mblocks * len(lq) * hq):
+        b, m0 = t // n_mblocks // hq, (n_mblocks - 1 - t % n_mblocks) * cta
+        len_q, len_k = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        hi = min(max(m0 + cta + len_k - len_q, 0), len_k) if causal else len_k
+        n_tiles = math.ceil((hi if m0 < len_q else 0) / block_n)
+        for c in range(consumers):
+            for i in (0, 3):  # Q load, O store
+                yield i, (cq[b], cq[b + 1]), [cq[b + 1], mq - len_q + m0 + c * block_m], block_m
+        for j in range(n_tiles):
+            for i in (1, 2):  # K, V
+                yield i, (ck[b], ck[b + 1]), [ck[b + 1], mk - len_k + j * block_n], block_n
+
+
+def _bwd_boxes(lq, lk, hq, hkv, d, causal):
+    """As _fwd_boxes for the backward kernel: K/V once per program, Q/dO per query tile, the dQ reduce-adds."""
+    from sigattn.ops.gluon_backward import BLOCK_N, GLUON_BWD_CONFIGS, NUM_CONSUMERS
+
+    block_m, _, split_d, _ = GLUON_BWD_CONFIGS[d]
+    dq_m, kv_rows = block_m if split_d else block_m // 2, NUM_CONSUMERS * BLOCK_N
+    mq, mk, cq, ck = max(lq), max(lk), _cu_list(lq), _cu_list(lk)
+    for n0 in range(0, math.ceil(mk / kv_rows) * kv_rows, kv_rows):
+        for b in range(len(lq)):
+            len_q, len_k = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+            n_mtiles = math.ceil(len_q / block_m) if n0 < len_k else 0
+            m_lo = max(n0 - (len_k - len_q), 0) // block_m if causal else 0
+            for i in (2, 3):
+                yield i, (ck[b], ck[b + 1]), [ck[b + 1], mk - len_k + n0], kv_rows
+            for m in range(m_lo, n_mtiles):
+                row = mq - len_q + m * block_m
+                for i in (0, 1):
+                    yield i, (cq[b], cq[b + 1]), [cq[b + 1], row], block_m
+                for cid in range(NUM_CONSUMERS):
+                    yield 4, (cq[b], cq[b + 1]), [cq[b + 1], row + (0 if split_d else cid * dq_m)], dq_m
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+@pytest.mark.parametrize("case", CASES)
+def test_varlen_tma_boxes_stay_in_sequence_and_allocation(case, direction, monkeypatch):
+    """CPU replay of the VARLEN kernels' TMA coordinates over the descriptors the launchers build (launch stubbed):
+    every box row inside a view lands in its own sequence (as the TMA unit resolves it), and the whole window
+    [end, 0 .. max_seqlen) of every box that crosses its sequence's end lies inside the allocation behind the view.
+    The first H100 run (session 4) faulted exactly on such boxes of sequences ending < max_seqlen rows into the
+    tensor, where the window and the view's base lay before the allocation (CUTLASS pads in front for this view)."""
+    from sigattn.ops import gluon_backward, gluon_forward
+
+    lq, lk, hq, hkv, d, causal = case
+    lk = lk or lq
+    got = []
+    monkeypatch.setattr(gluon_forward, "gluon_varlen_supports", lambda *a: None)
+    monkeypatch.setattr(gluon_backward, "gluon_varlen_bwd_supports", lambda *a: None)
+    monkeypatch.setattr(gluon_forward, "_launch", lambda descs, *a: got.append(descs))
+
+    def fake_launch_bwd(descs, dk, dv, bias, *a):
+        got.append(descs)
+        return torch.zeros(len(lq), hq, 1, 2)
+
+    monkeypatch.setattr(gluon_backward, "_launch_bwd", fake_launch_bwd)
+    q = torch.zeros(sum(lq) + PAD, hq, d, dtype=torch.bfloat16)
+    k, v = (torch.zeros(sum(lk) + PAD, hkv, d, dtype=torch.bfloat16) for _ in range(2))
+    cu_q, cu_k = (torch.tensor(_cu_list(x), dtype=torch.int32) for x in (lq, lk))
+    if direction == "fwd":
+        gluon_forward.gluon_varlen_fwd(q, k, v, cu_q, cu_k, max(lq), max(lk), 0.0, d**-0.5, causal, "fast")
+        boxes = _fwd_boxes(lq, lk, hq, d, causal)
+    else:
+        gluon_backward.gluon_varlen_bwd(q.clone(), q, k, v, cu_q, cu_k, max(lq), max(lk), 0.0, d**-0.5, causal,
+                                        "fast")
+        boxes = _bwd_boxes(lq, lk, hq, hkv, d, causal)
+    (descs,) = got
+
+    def addr(desc, e_: int, r_: int) -> int:
+        return desc.base.data_ptr() + (e_ * desc.strides[0] + r_ * desc.strides[1]) * desc.base.dtype.itemsize
+
+    crossing = 0
+    for i, (s, e), coord, rows in boxes:
+        desc = descs[i]
+        storage = getattr(desc.base, "tensor", desc.base).untyped_storage()  # the old base held its tensor
+        lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        row_bytes = desc.strides[1] * desc.base.dtype.itemsize
+        assert 0 <= coord[0] < desc.shape[0] and coord[1] >= 0, (i, coord)
+        inside = [addr(desc, coord[0], coord[1] + j) for j in range(rows) if coord[1] + j < desc.shape[1]]
+        first = addr(desc, e, desc.shape[1] - (e - s))  # row 0 of the sequence, as the kernels address it
+        assert all(first <= a < first + (e - s) * row_bytes for a in inside), (i, s, e, coord)
+        if len(inside) < rows:
+            crossing += 1
+            window = addr(desc, coord[0], 0), addr(desc, coord[0], desc.shape[1] - 1) + row_bytes
+            assert lo <= window[0] and window[1] <= hi, (i, s, e, coord)
+    assert crossing > 0
