@@ -515,8 +515,8 @@ def dense_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """sigmoid_attn_bwd's dispatch (Gluon where it serves, else launch_bwd) with dbias None when not need_dbias:
     the eager autograd path discards it, and a zero fill would cost a launch."""
-    if (not deterministic and configs is None and use_tma is None and fused_dq is None and alibi_slopes is None
-            and window_left < 0 and (window_right < 0 or causal) and bias.dim() <= 1 and _gluon_bwd_ready(q)):
+    if (_gluon_bwd_form(deterministic, configs, use_tma, fused_dq, alibi_slopes, window_left, window_right, causal)
+            and bias.dim() <= 1 and _gluon_bwd_ready(q)):
         from sigattn.ops.gluon_backward import gluon_bwd_supports, gluon_dense_bwd
 
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
@@ -525,6 +525,15 @@ def dense_bwd(
                                    checked=True)
     return launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
                       sigmoid_impl, configs, use_tma, need_dbias, fused_dq, None)
+
+
+def _gluon_bwd_form(deterministic: bool, configs: tuple[AttnConfig, AttnConfig] | None, use_tma: bool | None,
+                    fused_dq: bool | None, alibi_slopes: torch.Tensor | None, window_left: int, window_right: int,
+                    causal: bool) -> bool:
+    """Whether the call's form is one the Gluon backward computes: atomics allowed, nothing forced, no ALiBi and no
+    window other than the causal one."""
+    return (not deterministic and configs is None and use_tma is None and fused_dq is None and alibi_slopes is None
+            and window_left < 0 and (window_right < 0 or causal))
 
 
 def _gluon_bwd_ready(q: torch.Tensor) -> bool:
@@ -582,11 +591,10 @@ def varlen_bwd(
     fused_dq: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """sigmoid_attn_varlen_bwd's dispatch (Gluon VARLEN where it serves and the experimental configs.set_gluon_varlen
-    is on, else launch_bwd) with dbias None when not
-    need_dbias, as `dense_bwd` (the eager autograd path discards it; a zero fill would cost a launch)."""
-    if (not deterministic and configs is None and use_tma is None and fused_dq is None and alibi_slopes is None
-            and window_left < 0 and (window_right < 0 or causal) and bias.dim() <= 2 and gluon_varlen_enabled()
-            and _gluon_bwd_ready(q)):
+    is on, else launch_bwd) with dbias None when not need_dbias, as `dense_bwd` (the eager autograd path discards
+    it; a zero fill would cost a launch)."""
+    if (_gluon_bwd_form(deterministic, configs, use_tma, fused_dq, alibi_slopes, window_left, window_right, causal)
+            and bias.dim() <= 2 and gluon_varlen_enabled() and _gluon_bwd_ready(q)):
         from sigattn.ops.gluon_backward import gluon_varlen_bwd, gluon_varlen_bwd_supports
 
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
