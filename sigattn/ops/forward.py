@@ -419,7 +419,7 @@ def sigmoid_attn_fwd(
         from sigattn.ops.gluon_forward import gluon_dense_fwd, gluon_supports
 
         if gluon_supports(q, k, v) is None:
-            return gluon_dense_fwd(q, k, v, bias, scale, causal, sigmoid_impl)
+            return gluon_dense_fwd(q, k, v, bias, scale, causal, sigmoid_impl, checked=True)
     return _launch_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl,
                        config, use_tma, None)
 
