@@ -1,6 +1,7 @@
 """CPU measurement of the dense attention host path through Triton's real launch code (compile and driver faked).
 
     python bench/host_path_cpu.py [--sm90] [--profile] [-n 300]     # NOT under TRITON_INTERPRET
+    python bench/host_path_cpu.py --sm90 --api [-d 128]             # the public functions' rows only
 
 Triton's `JITFunction.run` runs as on a GPU (binder, specialization key, cache lookup, launch metadata); only the
 compile (a fake CompiledKernel per key), the driver (device 0, stream 0, an sm_90 target) and the C launcher (a
@@ -8,7 +9,9 @@ counter) are replaced. --sm90: the launchers take the branches they take on an H
 backward at d=64/128, the Gluon forward at d=128), whose device checks are patched to accept CPU tensors. Tensors are
 CPU tensors, so aten ops (allocations, fills, the dQ cast) run CPU work: one thread, small shapes. Per row: host µs
 per call, Triton launches, aten ops that would launch a GPU kernel, allocations, and compiles after warm-up (must be
-0: a miss of Triton's cache there would be a compile per call).
+0: a miss of Triton's cache there would be a compile per call). --api: the public functions (sigmoid_attn_func,
+scaled_dot_product_sigmoid_attention, SigmoidAttention's call of it) from the top, with their "auto" backend
+resolved as for a CUDA device (`simulate_cuda_api`), so they take the Triton path for CPU tensors.
 """
 
 from __future__ import annotations
@@ -100,6 +103,20 @@ def simulate_sm90() -> None:
     gluon_backward.gluon_supports = supports
 
 
+def simulate_cuda_api() -> None:
+    """The public functions' backend rule sees a CUDA device (CPU tensors would go to the reference): the bench wraps
+    api._resolve_backend, which every tree of this repo calls by its module global on a backend decision."""
+    from sigattn.ops import api
+
+    cuda = torch.device("cuda", 0)
+    resolve = api._resolve_backend
+
+    def resolve_as_cuda(backend, device, triton_gap):
+        return resolve(backend, cuda if device.type == "cpu" else device, triton_gap)
+
+    api._resolve_backend = resolve_as_cuda
+
+
 GPU_OPS = ("aten::zeros", "aten::fill_", "aten::zero_", "aten::full", "aten::copy_", "aten::mul", "aten::sum",
            "aten::clone", "aten::contiguous", "aten::add", "aten::to", "aten::_to_copy")
 ALLOC_OPS = ("aten::empty", "aten::empty_strided", "aten::empty_like")
@@ -146,6 +163,7 @@ def main() -> None:
     ap.add_argument("--sm90", action="store_true", help="take the H100 branches (TMA, sm_90 configs, Gluon)")
     ap.add_argument("--profile", action="store_true", help="cProfile each row (tottime, top 30)")
     ap.add_argument("-n", type=int, default=300, help="calls per timing")
+    ap.add_argument("--api", action="store_true", help="rows of the public functions (see the module docstring)")
     ap.add_argument("-d", type=int, default=64, help="head dim (128 takes the Gluon forward with --sm90)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # two threads on a shared 2-core machine made a 50k-element cast take ~12 ms
@@ -187,8 +205,44 @@ def main() -> None:
                                              False, "fast")
         out.backward(dov)
 
-    rows = [("dense fwd", fwd), ("dense bwd (direct)", bwd_direct), ("dense fwd+bwd", fwd_bwd),
-            ("portable fwd launcher", launch_only), ("varlen fwd+bwd", varlen_fwd_bwd)]
+    import sigattn
+    from sigattn.nn import SigmoidAttention
+
+    simulate_cuda_api()
+    q0, k0, v0 = (t.detach() for t in (q, k, v))
+    qt, kt, vt = (t.detach().transpose(1, 2) for t in (q, k, v))
+
+    def api_fwd():
+        sigattn.sigmoid_attn_func(q0, k0, v0, causal=True)
+
+    def api_fwd_nograd_ctx():  # bench/host_overhead.py's "dense fwd" row: explicit float bias, under no_grad
+        with torch.no_grad():
+            sigattn.sigmoid_attn_func(q, k, v, causal=True, bias=-6.2)
+
+    def api_fwd_grad():
+        sigattn.sigmoid_attn_func(q, k, v, causal=True)
+
+    def api_fwd_bwd():
+        sigattn.sigmoid_attn_func(q, k, v, causal=True).backward(do)
+
+    def api_sdpa_fwd():
+        sigattn.scaled_dot_product_sigmoid_attention(qt, kt, vt, is_causal=True)
+
+    module = SigmoidAttention(h * d, h, causal=True, train_seqlen=512).to(dt)
+    module.project = lambda x, positions=0: (q0, k0, v0)  # the attention call alone: no projections/RoPE
+    module.o_proj = torch.nn.Identity()
+    x = torch.randn(b, n, h * d, dtype=dt)
+
+    def module_fwd():
+        module(x)
+
+    api_rows = [("api fwd", api_fwd), ("api fwd bias=-6.2 no_grad", api_fwd_nograd_ctx),
+                ("api fwd requires_grad", api_fwd_grad), ("api fwd+bwd", api_fwd_bwd),
+                ("api sdpa-style fwd", api_sdpa_fwd), ("module attn fwd", module_fwd)]
+
+    rows = api_rows if args.api else [
+        ("dense fwd", fwd), ("dense bwd (direct)", bwd_direct), ("dense fwd+bwd", fwd_bwd),
+        ("portable fwd launcher", launch_only), ("varlen fwd+bwd", varlen_fwd_bwd)]
     try:
         from sigattn.ops import fast_launch  # noqa: F401
         modes: list[bool | None] = [False, True]
@@ -197,11 +251,11 @@ def main() -> None:
     print(f"host us per call, CPU, Triton run path with faked compile/driver{', sm_90 branches' if args.sm90 else ''}"
           f"; B={b} N={n} H={h} d={d} {dt} causal; {sys.modules['sigattn'].__file__}")
     heads = "".join(f"{'us ' + ('-' if m is None else 'fast ' + ('on' if m else 'off')):>12s}" for m in modes)
-    print(f"  {'form':24s}{heads} {'triton':>7s} {'aten-k':>7s} {'allocs':>7s} {'compiles':>8s}  aten ops")
+    print(f"  {'form':26s}{heads} {'triton':>7s} {'aten-k':>7s} {'allocs':>7s} {'compiles':>8s}  aten ops")
     for name, fn in rows:
         launches, kernels, allocs, compiles, shown = op_counts(fn)
         times = "".join(f"{per_call(fn, args.n, m):12.1f}" for m in modes)
-        print(f"  {name:24s}{times} {launches:7d} {kernels:7d} {allocs:7d} {compiles:8d}  {shown}")
+        print(f"  {name:26s}{times} {launches:7d} {kernels:7d} {allocs:7d} {compiles:8d}  {shown}")
     if args.profile:
         for name, fn in rows:
             print(f"\n=== cProfile: {name}, 200 calls, by tottime ===")

@@ -385,11 +385,12 @@ def set_gluon_varlen(enabled: bool) -> None:
     _gluon_varlen = enabled
 
 
-def launch_fitting(kernel, grid: tuple[int, ...], *args, num_stages: int, **kwargs) -> None:
+def launch_fitting(kernel, grid: tuple[int, ...], *args, num_stages: int, **kwargs) -> tuple[object, int]:
     """kernel[grid](*args, num_stages=num_stages, **kwargs), retried with one pipeline stage fewer each time Triton
     reports that the compiled kernel needs more shared memory than the GPU has. A safety net, not the plan: the sm_90
     defaults are checked against the launch's own compile (tests/ops/test_configs.py; the fp32 configs once asked for
-    262 KB of the 227 KB). Triton raises before the launch, so nothing was written."""
+    262 KB of the 227 KB). Triton raises before the launch, so nothing was written. Returns (fast_launch.launch's
+    result, the stages that launched)."""
     from triton.runtime.errors import OutOfResources
 
     from sigattn.ops.fast_launch import launch
@@ -397,8 +398,7 @@ def launch_fitting(kernel, grid: tuple[int, ...], *args, num_stages: int, **kwar
     stages = num_stages  # launched as given first: a config's 0 (or less) is Triton's to take or refuse
     while True:
         try:
-            launch(kernel, grid, *args, num_stages=stages, **kwargs)
-            return
+            return launch(kernel, grid, *args, num_stages=stages, **kwargs), stages
         except OutOfResources:
             stages -= 1
             if stages < 1:

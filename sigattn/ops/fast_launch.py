@@ -28,11 +28,16 @@ def enabled() -> bool:
 def set_enabled(on: bool) -> None:
     """Allow (True; default only with SIGATTN_FAST_LAUNCH=1) or forbid (False, the default) fast launches; either
     drops the tables."""
-    global _enabled
+    global _enabled, _generation
     if not isinstance(on, bool):
         raise TypeError(f"on must be a bool; got {type(on).__name__}")
     _enabled = on
     _states.clear()
+    _generation += 1
+
+
+# Bumped whenever the tables are dropped: a Replay made before then is refused (its caller launches normally).
+_generation = 0
 
 
 class _KernelState:
@@ -120,15 +125,16 @@ def _hooks_clear(kernel: Any) -> bool:
     return not kernel.pre_run_hooks
 
 
-def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Any:
     """kernel[grid](*args, **kwargs); once that has compiled (or found) the kernel for this specialization, later
-    calls with the same key go straight to the CompiledKernel's launcher. grid: a tuple of 1-3 ints."""
+    calls with the same key go straight to the CompiledKernel's launcher. grid: a tuple of 1-3 ints. Returns the
+    CompiledKernel when it is kept for fast launches of this key (what `Replay.record` needs), else None."""
     if not _enabled or interpreting() or type(grid) is not tuple:
         kernel[grid](*args, **kwargs)
-        return
+        return None
     if not _hooks_clear(kernel):
         kernel[grid](*args, **kwargs)
-        return
+        return None
     drv = driver.active
     device = drv.get_current_device()
     state = _states.get(id(kernel))
@@ -140,7 +146,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
             key, ordered = state.bind(*args, **kwargs)
         except (AttributeError, TypeError):  # an argument of another type than the binder's: a normal launch
             kernel[grid](*args, **kwargs)
-            return
+            return None
         full_key = (device, key, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
         compiled = state.compiled.get(full_key)
         if compiled is not None and (not state.globals_used or all(
@@ -149,19 +155,95 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
             g2 = grid[2] if len(grid) > 2 else 1
             compiled.run(grid[0], g1, g2, drv.get_current_stream(device), compiled.function,
                          compiled.packed_metadata, None, None, None, *ordered)
-            return
+            return compiled
     compiled = kernel[grid](*args, **kwargs)
     if not _launchable(compiled):
-        return
+        return None
     if state is None:
         state = _states[id(kernel)] = _KernelState(kernel, kernel.device_caches[device][3], args, kwargs)
         key, _ = state.bind(*args, **kwargs)
         full_key = (device, key, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
     if full_key[1][0] != state.types:
-        return  # another argument type than the binder's (a tensor where an int was): not kept
+        return None  # another argument type than the binder's (a tensor where an int was): not kept
     if len(state.compiled) >= MAX_ENTRIES:
         state.compiled.clear()
     state.compiled[full_key] = compiled
+    return compiled
+
+
+class Replay:
+    """One recorded fast launch, replayed with new tensors in place of the recorded ones: the launcher's own plans
+    (sigattn.ops.forward / gluon_forward) skip rebuilding ~45 arguments and the binder's key (CPU, fake driver: the
+    portable forward's launch_fitting + launch 18 µs -> ~2 µs).
+
+    What the caller guarantees: its plan key fixes everything the fast-launch key reads except the per-call objects,
+    and a per-call object has the recorded one's type and dtype (a descriptor: same shape, strides, block, layout and
+    padding over a base of the same dtype). What a replay checks itself, per call: every per-call object's 16-byte
+    alignment (which Triton specializes on) equals the recorded one's, and every condition `launch` checks (switch,
+    interpreter, hooks, current device, debug knob, instrumentation mode, JIT globals, tables not dropped since)."""
+
+    __slots__ = ("compiled", "debug", "device", "generation", "globals_used", "grid", "instrumentation", "kernel",
+                 "slots", "template")
+
+    def __init__(self, kernel: Any, compiled: Any, device: int, grid: tuple[int, int, int], template: list,
+                 slots: list[tuple[list[int], bool, bool]], globals_used: list) -> None:
+        self.kernel, self.compiled, self.device, self.grid = kernel, compiled, device, grid
+        self.template, self.slots, self.globals_used = template, slots, globals_used
+        self.debug, self.instrumentation = knobs.runtime.debug, knobs.compilation.instrumentation_mode
+        self.generation = _generation
+
+    @staticmethod
+    def record(kernel: Any, compiled: Any, grid: tuple[int, ...], args: tuple, kwargs: dict,
+               per_call: tuple) -> Replay | None:
+        """A Replay of `launch(kernel, grid, *args, **kwargs)`, which returned `compiled`, whose call takes
+        objects in place of `per_call` (tensors or descriptors among args, each found by identity); None where
+        that cannot be proved: no kept CompiledKernel, or a per-call object that is also another argument."""
+        state = _states.get(id(kernel))
+        if compiled is None or state is None or state.kernel is not kernel or type(grid) is not tuple:
+            return None
+        try:
+            key, ordered = state.bind(*args, **kwargs)
+        except (AttributeError, TypeError):
+            return None
+        device = driver.active.get_current_device()
+        full_key = (device, key, knobs.runtime.debug, knobs.compilation.instrumentation_mode)
+        if key[0] != state.types or state.compiled.get(full_key) is not compiled:
+            return None
+        template = list(ordered)
+        positions = [[i for i, x in enumerate(template) if x is obj] for obj in per_call]
+        if not all(positions) or sum(map(len, positions)) != len({i for p in positions for i in p}):
+            return None  # a per-call object missing, or one object in two roles (q is k): not replayable
+        slots = []
+        for obj, where in zip(per_call, positions):
+            desc = _is_descriptor(obj)
+            slots.append((where, desc, (obj.base if desc else obj).data_ptr() & 15 == 0))
+            for i in where:
+                template[i] = None  # the recorded tensors are not kept alive by the replay
+        g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        return Replay(kernel, compiled, device, g, template, slots, state.globals_used)
+
+    def __call__(self, *objs: Any) -> bool:
+        """Launch with objs in place of the recorded per-call objects; False (nothing launched) where a condition
+        of the recorded launch no longer holds: the caller then launches normally."""
+        if (not _enabled or self.generation != _generation or interpreting() or not _hooks_clear(self.kernel)
+                or knobs.runtime.debug != self.debug
+                or knobs.compilation.instrumentation_mode != self.instrumentation):
+            return False
+        drv = driver.active
+        device = drv.get_current_device()
+        if device != self.device or (self.globals_used and not all(
+                g.get(name, _MISSING) == val for (name, _), (val, g) in self.globals_used)):
+            return False
+        args = self.template.copy()
+        for obj, (where, desc, aligned) in zip(objs, self.slots):
+            if ((obj.base if desc else obj).data_ptr() & 15 == 0) is not aligned:
+                return False
+            for i in where:
+                args[i] = obj
+        compiled = self.compiled
+        compiled.run(*self.grid, drv.get_current_stream(device), compiled.function, compiled.packed_metadata, None,
+                     None, None, *args)
+        return True
 
 
 _MISSING = object()

@@ -21,6 +21,8 @@ from sigattn.ops.configs import (
     launch_fitting,
     next_pow2,
 )
+from sigattn.ops.fast_launch import Replay
+from sigattn.ops.fast_launch import enabled as fast_launch_enabled
 from sigattn.ops.primitives import (
     SIGMOID_ACCURATE,
     SIGMOID_FAST_ASM,
@@ -417,7 +419,7 @@ def sigmoid_attn_fwd(
         from sigattn.ops.gluon_forward import gluon_dense_fwd, gluon_supports
 
         if gluon_supports(q, k, v) is None:
-            return gluon_dense_fwd(q, k, v, bias, scale, causal, sigmoid_impl)
+            return gluon_dense_fwd(q, k, v, bias, scale, causal, sigmoid_impl, checked=True)
     return _launch_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl,
                        config, use_tma, None)
 
@@ -476,6 +478,23 @@ def _launch_fwd(
     use_tma: bool | None,
     varlen: Varlen | None,
 ) -> torch.Tensor:
+    plan_key = None
+    if varlen is None and config is None and use_tma is None and alibi_slopes is None and fast_launch_enabled():
+        # Everything below reads q/k/v/bias only through these (values, not pointers: the replay checks alignment),
+        # plus the config table, whose entry is compared by identity (pinning a config replaces it).
+        plan_key = (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+                    q.device, bias.shape, bias.stride(), bias.dtype, scale, causal, window_left, window_right,
+                    sigmoid_impl)
+        plan = _plans.get(plan_key)
+        if plan is not None and plan[0] is forward_config(q.shape[-1], q.dtype, q.device, causal):
+            o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            descs = plan[2]
+            if descs is None:
+                if plan[1](q, k, v, o, bias):
+                    return o
+            elif plan[1](_descriptor(q, *descs[0]), _descriptor(k, *descs[1]), _descriptor(v, *descs[2]), o, bias):
+                return o
+    q_in, k_in, v_in, plan_key_bias = q, k, v, bias
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if varlen is None:
@@ -501,8 +520,7 @@ def _launch_fwd(
     descs = [tma_view(q, cfg.block_m), tma_view(k, cfg.block_n), tma_view(v, cfg.block_n)] if use_tma else [None]
     use_tma = all(x is not None for x in descs)
     qa, ka, va = descs if use_tma else (q, k, v)
-    launch_fitting(
-        _sigmoid_attn_fwd_kernel, grid,
+    args = (
         qa, ka, va, o, bias, slopes, cu_q, cu_k,
         *bnh_strides(q, varlen),
         *bnh_strides(k, varlen),
@@ -511,6 +529,8 @@ def _launch_fwd(
         stride_bb, slopes.stride(0) if slopes.dim() == 2 else 0,
         nheads_q, nheads_q // nheads_kv, seqlen_q, seqlen_k, left, right,
         float(scale), z_factor(mode),
+    )
+    kwargs = dict(
         HAS_ALIBI=alibi_slopes is not None,
         SIGMOID=mode,
         HEAD_DIM=head_dim,
@@ -524,6 +544,30 @@ def _launch_fwd(
         VARLEN=varlen is not None,
         WIDE_OFFS=wide_offsets([q, k, v, o], max(cfg.block_m, cfg.block_n)),
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
+    # None where launch_fitting is replaced (sigattn.bench.launch_compile records launches on meta tensors).
+    fitted = launch_fitting(_sigmoid_attn_fwd_kernel, grid, *args, num_stages=cfg.num_stages, **kwargs)
+    if fitted is not None and plan_key is not None and bias is plan_key_bias and q is q_in and k is k_in and v is v_in:
+        # In launch_fitting's order (the options are keyed in order): num_stages first.
+        _record_plan(plan_key, cfg, fitted[0], grid, args, {"num_stages": fitted[1], **kwargs},
+                     descs if use_tma else None)
     return o if varlen is None else o[0]
+
+
+# Forward launches by plan key (see _launch_fwd): a hit builds the three descriptors and replays the recorded launch
+# (CPU, sm_90 branches, fake driver: _launch_fwd 28 µs -> ~6 µs at B=1 N=128 H=6 d=64). Bounded like the fast-launch
+# tables; a miss launches normally and records.
+_plans: dict[tuple, tuple[AttnConfig, Replay, tuple | None]] = {}
+_PLANS_MAX = 256
+
+
+def _record_plan(key: tuple, cfg: AttnConfig, compiled: object, grid: tuple[int, ...], args: tuple, kwargs: dict,
+                 descs: list | None) -> None:
+    per_call = (*(descs if descs is not None else args[:3]), args[3], args[4])
+    replay = Replay.record(_sigmoid_attn_fwd_kernel, compiled, grid, args, kwargs, per_call)
+    if replay is None:
+        return
+    if len(_plans) >= _PLANS_MAX:
+        _plans.clear()
+    specs = None if descs is None else tuple((d.shape, d.strides, d.block_shape) for d in descs)
+    _plans[key] = (cfg, replay, specs)

@@ -347,3 +347,34 @@ def test_gpu_fast_launch_under_cuda_graph_capture(device):
     torch.cuda.synchronize()
     for a, b in zip(eager, captured):
         assert torch.equal(a, b)
+
+
+def test_replay_launches_as_a_fast_launch_with_the_new_tensors(kernel, monkeypatch):
+    """A Replay (the launchers' plans) hands the launcher exactly what a fast launch with the new tensors does, and
+    refuses (False, nothing launched) where the recorded launch's conditions no longer hold."""
+    args, kwargs = _args()
+    compiled = fast_launch.launch(kernel, (3,), *args, **kwargs)
+    assert compiled is not None
+    replay = fast_launch.Replay.record(kernel, compiled, (3,), args, kwargs, (args[0], args[1]))
+    assert replay is not None and replay.template[0] is None and replay.template[1] is None  # tensors not kept
+    new_args, _ = _args()
+    assert replay(new_args[0], new_args[1])
+    expected = _launched(kernel, new_args, kwargs)
+    assert expected is compiled and len(compiled.calls) == 3
+    replayed, fast = compiled.calls[1], compiled.calls[2]
+    assert replayed[:9] == fast[:9] and replayed[9] is fast[9] and replayed[10] is fast[10]
+    assert replayed[11:] == fast[11:]
+    unaligned, _ = _args(offset=1)
+    assert not replay(unaligned[0], new_args[1])  # alignment is part of Triton's specialization
+    monkeypatch.setattr(knobs.runtime, "debug", True)
+    assert not replay(*new_args[:2])
+    monkeypatch.setattr(knobs.runtime, "debug", False)
+    assert replay(*new_args[:2])
+    fast_launch.set_enabled(False)
+    fast_launch.set_enabled(True)
+    assert not replay(*new_args[:2])  # tables dropped since the recording
+    assert len(compiled.calls) == 4
+    x = args[1]
+    same = (x, x, *args[2:])
+    compiled2 = fast_launch.launch(kernel, (3,), *same, **kwargs)
+    assert fast_launch.Replay.record(kernel, compiled2, (3,), same, kwargs, (x, x)) is None  # one object, two roles
