@@ -25,7 +25,10 @@ from sigattn.ops.validation import (
     check_scale,
     check_tensor,
     check_window,
+    checked,
+    dense_signature,
     dtype_name,
+    remember,
 )
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -143,6 +146,54 @@ def _check_dense_args(
     return b, hq, sk, scale, bias, window, alibi
 
 
+# (batch, nheads_q, seqlen_k, scale, bias, window, alibi) with the defaults filled in.
+DenseArgs = tuple[int, int, int, float, float | torch.Tensor, tuple[int, int], torch.Tensor | None]
+
+
+def _memo_of(args: DenseArgs, bias: object, scale: object) -> tuple[object, ...]:
+    """What a memo hit cannot recompute from the call's own arguments: the shape-derived parts of `args` (batch,
+    nheads_q, seqlen_k, window) and the defaults that replaced a None scale / bias (functions of head dim and
+    seqlen_k, both in the key)."""
+    b, hq, sk, scale_r, bias_r, window, _ = args
+    return b, hq, sk, scale_r if scale is None else None, bias_r if bias is None else None, window
+
+
+def _from_memo(memo: tuple[object, ...], bias: object, scale: object, alibi_slopes: object) -> DenseArgs:
+    """`_check_dense_args`'s result for a call whose signature passed before: what check_scale / check_bias /
+    check_alibi return for arguments of the types in the key (a float scale or bias as float, a tensor bias as
+    itself, slopes as float32: tensor values are read per call, never cached)."""
+    b, hq, sk, scale_r, bias_r, window = memo
+    return (
+        b, hq, sk,  # type: ignore[return-value]
+        scale_r if scale is None else float(scale),  # type: ignore[arg-type]
+        bias_r if bias is None else (bias if isinstance(bias, torch.Tensor) else float(bias)),  # type: ignore
+        window,
+        None if alibi_slopes is None else alibi_slopes.float(),  # type: ignore[union-attr]
+    )
+
+
+def _checked_dense_call(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: object, scale: object, causal: object,
+    window_size: object, alibi_slopes: object, deterministic: object, sigmoid_impl: object, backend: object,
+) -> DenseArgs:
+    """sigmoid_attn_func's checks (its tensors', then `_check_dense_args`), skipped for a signature that passed
+    before (validation.dense_signature: ~1.5 µs against ~4 µs of checks per call). A failing call raises before
+    `remember`, so every bad input raises its error on every call."""
+    key = dense_signature(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl,
+                          backend)
+    memo = checked(key)
+    if memo is not None:
+        return _from_memo(memo, bias, scale, alibi_slopes)
+    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_same({"q": q, "k": k, "v": v})
+    args = _check_dense_args(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl,
+                             backend)
+    remember(key, _memo_of(args, bias, scale))
+    return args
+
+
 def sigmoid_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -200,13 +251,19 @@ def sigmoid_attn_func(
     Returns:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
     """
-    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_same({"q": q, "k": k, "v": v})
-    b, hq, sk, scale, bias, window, alibi = _check_dense_args(
+    args = _checked_dense_call(
         q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl, backend
     )
+    return _dense_attention(q, k, v, args, causal, deterministic, sigmoid_impl, backend)
+
+
+def _dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: DenseArgs, causal: bool, deterministic: bool,
+    sigmoid_impl: str, backend: str,
+) -> torch.Tensor:
+    """sigmoid_attn_func after its checks (`args`: `_check_dense_args`'s result): the backend rule and the call. The
+    SDPA-style function's dense calls enter here too, so their arguments are checked once, not twice."""
+    b, hq, sk, scale, bias, window, alibi = args
     backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, alibi))
     if q.numel() == 0 or sk == 0:
         return _empty_attention(q, k, v, bias)
@@ -257,17 +314,27 @@ def sigmoid_attn_backward(
         inputs), summed over batch, queries and keys (sum it again for a scalar bias), or None when
         need_dbias=False. No gradient for alibi_slopes.
     """
-    check_tensor("do", do, 4, "(batch, seqlen_q, nheads, headdim)")
-    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_same({"q": q, "k": k, "v": v, "do": do})
-    if do.shape[:-1] != q.shape[:-1] or do.shape[-1] != v.shape[-1]:
-        raise ValueError(f"do must be shaped like the output {tuple(q.shape)}; got {tuple(do.shape)}")
-    b, hq, sk, scale, bias, window, alibi = _check_dense_args(
-        q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl, backend
-    )
-    check_flag("need_dbias", need_dbias)
+    # Memo key: the forward's, need_dbias, and what the do checks read (its type, dtype, device, shape).
+    dense_key = dense_signature(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl,
+                                backend, need_dbias)
+    plain_do = type(do) is torch.Tensor
+    sig = None if dense_key is None or not plain_do else ("bwd", dense_key, do.dtype, do.device, do.shape)
+    memo = checked(sig)
+    if memo is not None:
+        b, hq, sk, scale, bias, window, alibi = _from_memo(memo, bias, scale, alibi_slopes)
+    else:
+        check_tensor("do", do, 4, "(batch, seqlen_q, nheads, headdim)")
+        check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+        check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
+        check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+        check_same({"q": q, "k": k, "v": v, "do": do})
+        if do.shape[:-1] != q.shape[:-1] or do.shape[-1] != v.shape[-1]:
+            raise ValueError(f"do must be shaped like the output {tuple(q.shape)}; got {tuple(do.shape)}")
+        args = _check_dense_args(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic,
+                                 sigmoid_impl, backend)
+        check_flag("need_dbias", need_dbias)
+        remember(sig, _memo_of(args, bias, scale))
+        b, hq, sk, scale, bias, window, alibi = args
     # No slope gradient either way, so slopes that require grad need not go to the reference here.
     backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, None if alibi is None else alibi.detach()))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -671,6 +738,18 @@ def scaled_dot_product_sigmoid_attention(
     Returns:
         (batch, nheads, seqlen_q, headdim), dtype of query.
     """
+    # One memo entry per signature of the dense form (no attn_mask): its checks below and the dense ones, with q/k/v
+    # names in the head checks' messages as when this function called sigmoid_attn_func.
+    sig = None
+    if attn_mask is None:
+        dense_key = dense_signature(query, key, value, bias, scale, is_causal, (-1, -1), None, False, sigmoid_impl,
+                                    backend, enable_gqa, dropout_p)
+        sig = None if dense_key is None else ("sdpa", dense_key)
+    memo = checked(sig)
+    if memo is not None:
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        args = _from_memo(memo, bias, scale, None)
+        return _dense_attention(q, k, v, args, is_causal, False, sigmoid_impl, backend).transpose(1, 2)
     check_tensor("query", query, 4, "(batch, nheads, seqlen_q, headdim)")
     check_tensor("key", key, 4, "(batch, nheads_k, seqlen_k, headdim)")
     check_tensor("value", value, 4, "(batch, nheads_k, seqlen_k, headdim)")
@@ -689,13 +768,13 @@ def scaled_dot_product_sigmoid_attention(
         if is_causal:
             raise ValueError("attn_mask and is_causal cannot be used together (as SDPA)")
         _check_attn_mask(attn_mask, query, key)
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     dense = attn_mask is None and dropout_p == 0.0 and (not is_causal or sq == sk)
     if dense:
-        out = sigmoid_attn_func(
-            q, k, v, bias=bias, scale=scale, causal=is_causal, sigmoid_impl=sigmoid_impl, backend=backend
-        )
-        return out.transpose(1, 2)
+        # q/k/v passed check_tensor and check_same above as query/key/value: only _check_dense_args is left.
+        args = _check_dense_args(q, k, v, bias, scale, is_causal, (-1, -1), None, False, sigmoid_impl, backend)
+        remember(sig, _memo_of(args, bias, scale))
+        return _dense_attention(q, k, v, args, is_causal, False, sigmoid_impl, backend).transpose(1, 2)
     hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "query,key,value")
     scale = check_scale(scale, d)
     bias = check_bias(bias, hq, query.device, -math.log(sk) if sk > 0 else 0.0)
