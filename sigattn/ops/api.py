@@ -6,6 +6,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
@@ -76,6 +77,20 @@ def _resolve_backend(backend: str, device: torch.device, triton_gap: str | None)
             usable = device.type == "cuda" and _triton_unavailable(device) is None and triton_gap is None
             return "triton" if usable else "reference"
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+_custom_ops_module: ModuleType | None = None
+
+
+def _custom_ops() -> ModuleType:
+    """sigattn.ops.custom_ops, imported on the first Triton call (it imports Triton, which the reference path must
+    not need) and kept: a function-level import per call cost ~0.3 µs (CPU)."""
+    global _custom_ops_module
+    if _custom_ops_module is None:
+        from sigattn.ops import custom_ops
+
+        _custom_ops_module = custom_ops
+    return _custom_ops_module
 
 
 def _dense_triton_gap(q: torch.Tensor, alibi_slopes: torch.Tensor | None) -> str | None:
@@ -269,8 +284,7 @@ def _dense_attention(
         return _empty_attention(q, k, v, bias)
     match backend:
         case "triton":
-            from sigattn.ops import custom_ops
-
+            custom_ops = _custom_ops()
             if alibi is not None:
                 alibi = alibi.expand(b, hq).contiguous()
             return custom_ops.sigmoid_attn_dense(
@@ -343,8 +357,7 @@ def sigmoid_attn_backward(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     match backend:
         case "triton":
-            from sigattn.ops import custom_ops
-
+            custom_ops = _custom_ops()
             if alibi is not None:
                 alibi = alibi.detach().expand(b, hq).contiguous()
             dq, dk, dv, dbias = custom_ops.dense_bwd(
@@ -454,8 +467,7 @@ def sigmoid_attn_varlen_func(
         case "triton":
             if q.numel() == 0 or k.shape[0] == 0:
                 return _empty_attention(q, k, v, 0.0 if bias is None else bias)
-            from sigattn.ops import custom_ops
-
+            custom_ops = _custom_ops()
             batch = len(cu_q) - 1
             if alibi is not None:
                 alibi = alibi.expand(batch, hq).contiguous()
