@@ -175,6 +175,19 @@ def test_check_memo_signature_and_bound():
     validation.clear_checked()
 
 
+def test_public_functions_compile_fullgraph():
+    """The memo stays out of torch.compile's trace (no key, no graph break): the traced call runs every check."""
+    q, k, v = (t.requires_grad_() for t in qkv(h=2, hk=2, d=16))
+
+    def f(q, k, v):
+        dense = sigmoid_attn_func(q, k, v, causal=True, bias=-1.0)
+        sdpa = scaled_dot_product_sigmoid_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        return dense.sum() + sdpa.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
 # --------------------------------------------------------------------------- dense: semantics
 def test_defaults_scale_and_bias():
     q, k, v = qkv(sk=11)
