@@ -360,11 +360,10 @@ def sigmoid_attn_backward(
             custom_ops = _custom_ops()
             if alibi is not None:
                 alibi = alibi.detach().expand(b, hq).contiguous()
-            dq, dk, dv, dbias = custom_ops.dense_bwd(
+            return custom_ops.sigmoid_attn_dense_bwd(
                 do, q.detach(), k.detach(), v.detach(), _per_head_bias(bias, hq, q.device).detach(), scale,
                 causal, window[0], window[1], alibi, deterministic, sigmoid_impl, need_dbias,
             )
-            return dq, dk, dv, (dbias if need_dbias else None)
         case _:
             # The reference has no hand-written backward: autograd through it (it recomputes its scores per
             # chunk anyway, to bound memory). It is the oracle and the CPU path, not the fast one.
