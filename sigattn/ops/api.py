@@ -14,11 +14,14 @@ from sigattn.ops import reference
 from sigattn.ops.validation import (
     BACKENDS,
     SIGMOID_IMPLS,
+    DenseArgs,
     check_alibi,
     check_batch_and_seqlen,
     check_bias,
     check_choice,
     check_cu_seqlens,
+    check_dense_args,
+    check_dense_call,
     check_flag,
     check_max_seqlen,
     check_qkv_heads,
@@ -29,6 +32,8 @@ from sigattn.ops.validation import (
     checked,
     dense_signature,
     dtype_name,
+    from_memo,
+    memo_of,
     remember,
 )
 
@@ -141,74 +146,6 @@ def _cached_device_tensor(cache: dict, key: tuple, device: torch.device, make) -
     return t
 
 
-def _check_dense_args(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: object, scale: object, causal: object,
-    window_size: object, alibi_slopes: object, deterministic: object, sigmoid_impl: object, backend: object,
-) -> tuple[int, int, int, float, float | torch.Tensor, tuple[int, int], torch.Tensor | None]:
-    """The dense form's argument checks after the tensors' own (shared by the function and its backward):
-    (batch, nheads_q, seqlen_k, scale, bias, window, alibi) with the defaults filled in."""
-    b = q.shape[0]
-    check_batch_and_seqlen(q.shape, k.shape, v.shape, 1, "q,k,v")
-    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "q,k,v")
-    sk = k.shape[1]
-    scale = check_scale(scale, d)
-    bias = check_bias(bias, hq, q.device, -math.log(sk) if sk > 0 else 0.0)
-    window = check_window(window_size, causal)
-    alibi = check_alibi(alibi_slopes, b, hq, q.device)
-    check_flag("deterministic", deterministic)
-    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
-    check_choice("backend", backend, BACKENDS)
-    return b, hq, sk, scale, bias, window, alibi
-
-
-# (batch, nheads_q, seqlen_k, scale, bias, window, alibi) with the defaults filled in.
-DenseArgs = tuple[int, int, int, float, float | torch.Tensor, tuple[int, int], torch.Tensor | None]
-
-
-def _memo_of(args: DenseArgs, bias: object, scale: object) -> tuple[object, ...]:
-    """What a memo hit cannot recompute from the call's own arguments: the shape-derived parts of `args` (batch,
-    nheads_q, seqlen_k, window) and the defaults that replaced a None scale / bias (functions of head dim and
-    seqlen_k, both in the key)."""
-    b, hq, sk, scale_r, bias_r, window, _ = args
-    return b, hq, sk, scale_r if scale is None else None, bias_r if bias is None else None, window
-
-
-def _from_memo(memo: tuple[object, ...], bias: object, scale: object, alibi_slopes: object) -> DenseArgs:
-    """`_check_dense_args`'s result for a call whose signature passed before: what check_scale / check_bias /
-    check_alibi return for arguments of the types in the key (a float scale or bias as float, a tensor bias as
-    itself, slopes as float32: tensor values are read per call, never cached)."""
-    b, hq, sk, scale_r, bias_r, window = memo
-    return (
-        b, hq, sk,  # type: ignore[return-value]
-        scale_r if scale is None else float(scale),  # type: ignore[arg-type]
-        bias_r if bias is None else (bias if isinstance(bias, torch.Tensor) else float(bias)),  # type: ignore
-        window,
-        None if alibi_slopes is None else alibi_slopes.float(),  # type: ignore[union-attr]
-    )
-
-
-def _checked_dense_call(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: object, scale: object, causal: object,
-    window_size: object, alibi_slopes: object, deterministic: object, sigmoid_impl: object, backend: object,
-) -> DenseArgs:
-    """sigmoid_attn_func's checks (its tensors', then `_check_dense_args`), skipped for a signature that passed
-    before (validation.dense_signature: ~1.5 µs against ~4 µs of checks per call). A failing call raises before
-    `remember`, so every bad input raises its error on every call."""
-    key = dense_signature(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl,
-                          backend)
-    memo = checked(key)
-    if memo is not None:
-        return _from_memo(memo, bias, scale, alibi_slopes)
-    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_same({"q": q, "k": k, "v": v})
-    args = _check_dense_args(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl,
-                             backend)
-    remember(key, _memo_of(args, bias, scale))
-    return args
-
-
 def sigmoid_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -266,7 +203,7 @@ def sigmoid_attn_func(
     Returns:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
     """
-    args = _checked_dense_call(
+    args = check_dense_call(
         q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl, backend
     )
     return _dense_attention(q, k, v, args, causal, deterministic, sigmoid_impl, backend)
@@ -276,7 +213,7 @@ def _dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: DenseArgs, causal: bool, deterministic: bool,
     sigmoid_impl: str, backend: str,
 ) -> torch.Tensor:
-    """sigmoid_attn_func after its checks (`args`: `_check_dense_args`'s result): the backend rule and the call. The
+    """sigmoid_attn_func after its checks (`args`: `check_dense_args`'s result): the backend rule and the call. The
     SDPA-style function's dense calls enter here too, so their arguments are checked once, not twice."""
     b, hq, sk, scale, bias, window, alibi = args
     backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, alibi))
@@ -335,7 +272,7 @@ def sigmoid_attn_backward(
     sig = None if dense_key is None or not plain_do else ("bwd", dense_key, do.dtype, do.device, do.shape)
     memo = checked(sig)
     if memo is not None:
-        b, hq, sk, scale, bias, window, alibi = _from_memo(memo, bias, scale, alibi_slopes)
+        b, hq, sk, scale, bias, window, alibi = from_memo(memo, bias, scale, alibi_slopes)
     else:
         check_tensor("do", do, 4, "(batch, seqlen_q, nheads, headdim)")
         check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
@@ -344,10 +281,10 @@ def sigmoid_attn_backward(
         check_same({"q": q, "k": k, "v": v, "do": do})
         if do.shape[:-1] != q.shape[:-1] or do.shape[-1] != v.shape[-1]:
             raise ValueError(f"do must be shaped like the output {tuple(q.shape)}; got {tuple(do.shape)}")
-        args = _check_dense_args(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic,
+        args = check_dense_args(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic,
                                  sigmoid_impl, backend)
         check_flag("need_dbias", need_dbias)
-        remember(sig, _memo_of(args, bias, scale))
+        remember(sig, memo_of(args, bias, scale))
         b, hq, sk, scale, bias, window, alibi = args
     # No slope gradient either way, so slopes that require grad need not go to the reference here.
     backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, None if alibi is None else alibi.detach()))
@@ -759,7 +696,7 @@ def scaled_dot_product_sigmoid_attention(
     memo = checked(sig)
     if memo is not None:
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        args = _from_memo(memo, bias, scale, None)
+        args = from_memo(memo, bias, scale, None)
         return _dense_attention(q, k, v, args, is_causal, False, sigmoid_impl, backend).transpose(1, 2)
     check_tensor("query", query, 4, "(batch, nheads, seqlen_q, headdim)")
     check_tensor("key", key, 4, "(batch, nheads_k, seqlen_k, headdim)")
@@ -782,9 +719,9 @@ def scaled_dot_product_sigmoid_attention(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     dense = attn_mask is None and dropout_p == 0.0 and (not is_causal or sq == sk)
     if dense:
-        # q/k/v passed check_tensor and check_same above as query/key/value: only _check_dense_args is left.
-        args = _check_dense_args(q, k, v, bias, scale, is_causal, (-1, -1), None, False, sigmoid_impl, backend)
-        remember(sig, _memo_of(args, bias, scale))
+        # q/k/v passed check_tensor and check_same above as query/key/value: only check_dense_args is left.
+        args = check_dense_args(q, k, v, bias, scale, is_causal, (-1, -1), None, False, sigmoid_impl, backend)
+        remember(sig, memo_of(args, bias, scale))
         return _dense_attention(q, k, v, args, is_causal, False, sigmoid_impl, backend).transpose(1, 2)
     hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "query,key,value")
     scale = check_scale(scale, d)

@@ -129,8 +129,9 @@ def test_check_memo_keeps_results_and_skips_checks(monkeypatch):
     first = [sigmoid_attn_func(q, k, v, **kw) for kw in forms]
     grad = torch.autograd.grad(first[2].sum(), bias)[0]
     calls = []
-    real = api._check_dense_args
-    monkeypatch.setattr(api, "_check_dense_args", lambda *a: calls.append(1) or real(*a))
+    real = validation.check_dense_args
+    for module in (api, validation):
+        monkeypatch.setattr(module, "check_dense_args", lambda *a: calls.append(1) or real(*a))
     again = [sigmoid_attn_func(q, k, v, **kw) for kw in forms]
     assert calls == []
     for a, b in zip(first, again):
@@ -541,8 +542,9 @@ def test_sdpa_form_checks_once_and_matches_dense(monkeypatch):
     q, k, v = sdpa_qkv(hk=2)
     validation.clear_checked()
     calls = []
-    real = api._check_dense_args
-    monkeypatch.setattr(api, "_check_dense_args", lambda *a: calls.append(1) or real(*a))
+    real = validation.check_dense_args
+    for module in (api, validation):
+        monkeypatch.setattr(module, "check_dense_args", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(api, "sigmoid_attn_func", None)  # never called from here
     outs = [scaled_dot_product_sigmoid_attention(q, k, v, enable_gqa=True, is_causal=True, bias=-0.5)
             for _ in range(3)]
