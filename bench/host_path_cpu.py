@@ -225,6 +225,9 @@ def main() -> None:
     def api_fwd_bwd():
         sigattn.sigmoid_attn_func(q, k, v, causal=True).backward(do)
 
+    def api_bwd_direct():  # bench/host_overhead.py's "dense bwd (direct)" row: the public backward, no autograd
+        sigattn.sigmoid_attn_backward(do, q0, k0, v0, causal=True, bias=-6.2, need_dbias=False)
+
     def api_sdpa_fwd():
         sigattn.scaled_dot_product_sigmoid_attention(qt, kt, vt, is_causal=True)
 
@@ -238,6 +241,7 @@ def main() -> None:
 
     api_rows = [("api fwd", api_fwd), ("api fwd bias=-6.2 no_grad", api_fwd_nograd_ctx),
                 ("api fwd requires_grad", api_fwd_grad), ("api fwd+bwd", api_fwd_bwd),
+                ("api bwd direct", api_bwd_direct),
                 ("api sdpa-style fwd", api_sdpa_fwd), ("module attn fwd", module_fwd)]
 
     rows = api_rows if args.api else [

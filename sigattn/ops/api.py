@@ -6,6 +6,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 
@@ -13,11 +14,14 @@ from sigattn.ops import reference
 from sigattn.ops.validation import (
     BACKENDS,
     SIGMOID_IMPLS,
+    DenseArgs,
     check_alibi,
     check_batch_and_seqlen,
     check_bias,
     check_choice,
     check_cu_seqlens,
+    check_dense_args,
+    check_dense_call,
     check_flag,
     check_max_seqlen,
     check_qkv_heads,
@@ -25,7 +29,12 @@ from sigattn.ops.validation import (
     check_scale,
     check_tensor,
     check_window,
+    checked,
+    dense_signature,
     dtype_name,
+    from_memo,
+    memo_of,
+    remember,
 )
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,6 +84,20 @@ def _resolve_backend(backend: str, device: torch.device, triton_gap: str | None)
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
 
 
+_custom_ops_module: ModuleType | None = None
+
+
+def _custom_ops() -> ModuleType:
+    """sigattn.ops.custom_ops, imported on the first Triton call (it imports Triton, which the reference path must
+    not need) and kept: a function-level import per call cost ~0.3 µs (CPU)."""
+    global _custom_ops_module
+    if _custom_ops_module is None:
+        from sigattn.ops import custom_ops
+
+        _custom_ops_module = custom_ops
+    return _custom_ops_module
+
+
 def _dense_triton_gap(q: torch.Tensor, alibi_slopes: torch.Tensor | None) -> str | None:
     if q.dtype not in TRITON_DTYPES:
         return f"dtype {q.dtype} (the kernels take float16, bfloat16 and float32)"
@@ -121,26 +144,6 @@ def _cached_device_tensor(cache: dict, key: tuple, device: torch.device, make) -
         torch.cuda.current_stream(device).synchronize()
     cache[key] = t
     return t
-
-
-def _check_dense_args(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: object, scale: object, causal: object,
-    window_size: object, alibi_slopes: object, deterministic: object, sigmoid_impl: object, backend: object,
-) -> tuple[int, int, int, float, float | torch.Tensor, tuple[int, int], torch.Tensor | None]:
-    """The dense form's argument checks after the tensors' own (shared by the function and its backward):
-    (batch, nheads_q, seqlen_k, scale, bias, window, alibi) with the defaults filled in."""
-    b = q.shape[0]
-    check_batch_and_seqlen(q.shape, k.shape, v.shape, 1, "q,k,v")
-    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "q,k,v")
-    sk = k.shape[1]
-    scale = check_scale(scale, d)
-    bias = check_bias(bias, hq, q.device, -math.log(sk) if sk > 0 else 0.0)
-    window = check_window(window_size, causal)
-    alibi = check_alibi(alibi_slopes, b, hq, q.device)
-    check_flag("deterministic", deterministic)
-    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
-    check_choice("backend", backend, BACKENDS)
-    return b, hq, sk, scale, bias, window, alibi
 
 
 def sigmoid_attn_func(
@@ -200,20 +203,25 @@ def sigmoid_attn_func(
     Returns:
         out: (batch, seqlen_q, nheads, headdim), dtype of q.
     """
-    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_same({"q": q, "k": k, "v": v})
-    b, hq, sk, scale, bias, window, alibi = _check_dense_args(
+    args = check_dense_call(
         q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl, backend
     )
+    return _dense_attention(q, k, v, args, causal, deterministic, sigmoid_impl, backend)
+
+
+def _dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: DenseArgs, causal: bool, deterministic: bool,
+    sigmoid_impl: str, backend: str,
+) -> torch.Tensor:
+    """sigmoid_attn_func after its checks (`args`: `check_dense_args`'s result): the backend rule and the call. The
+    SDPA-style function's dense calls enter here too, so their arguments are checked once, not twice."""
+    b, hq, sk, scale, bias, window, alibi = args
     backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, alibi))
     if q.numel() == 0 or sk == 0:
         return _empty_attention(q, k, v, bias)
     match backend:
         case "triton":
-            from sigattn.ops import custom_ops
-
+            custom_ops = _custom_ops()
             if alibi is not None:
                 alibi = alibi.expand(b, hq).contiguous()
             return custom_ops.sigmoid_attn_dense(
@@ -257,17 +265,27 @@ def sigmoid_attn_backward(
         inputs), summed over batch, queries and keys (sum it again for a scalar bias), or None when
         need_dbias=False. No gradient for alibi_slopes.
     """
-    check_tensor("do", do, 4, "(batch, seqlen_q, nheads, headdim)")
-    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_same({"q": q, "k": k, "v": v, "do": do})
-    if do.shape[:-1] != q.shape[:-1] or do.shape[-1] != v.shape[-1]:
-        raise ValueError(f"do must be shaped like the output {tuple(q.shape)}; got {tuple(do.shape)}")
-    b, hq, sk, scale, bias, window, alibi = _check_dense_args(
-        q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl, backend
-    )
-    check_flag("need_dbias", need_dbias)
+    # Memo key: the forward's, need_dbias, and what the do checks read (its type, dtype, device, shape).
+    dense_key = dense_signature(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl,
+                                backend, need_dbias)
+    plain_do = type(do) is torch.Tensor
+    sig = None if dense_key is None or not plain_do else ("bwd", dense_key, do.dtype, do.device, do.shape)
+    memo = checked(sig)
+    if memo is not None:
+        b, hq, sk, scale, bias, window, alibi = from_memo(memo, bias, scale, alibi_slopes)
+    else:
+        check_tensor("do", do, 4, "(batch, seqlen_q, nheads, headdim)")
+        check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+        check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
+        check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+        check_same({"q": q, "k": k, "v": v, "do": do})
+        if do.shape[:-1] != q.shape[:-1] or do.shape[-1] != v.shape[-1]:
+            raise ValueError(f"do must be shaped like the output {tuple(q.shape)}; got {tuple(do.shape)}")
+        args = check_dense_args(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic,
+                                 sigmoid_impl, backend)
+        check_flag("need_dbias", need_dbias)
+        remember(sig, memo_of(args, bias, scale))
+        b, hq, sk, scale, bias, window, alibi = args
     # No slope gradient either way, so slopes that require grad need not go to the reference here.
     backend = _resolve_backend(backend, q.device, _dense_triton_gap(q, None if alibi is None else alibi.detach()))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -276,15 +294,13 @@ def sigmoid_attn_backward(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     match backend:
         case "triton":
-            from sigattn.ops import custom_ops
-
+            custom_ops = _custom_ops()
             if alibi is not None:
                 alibi = alibi.detach().expand(b, hq).contiguous()
-            dq, dk, dv, dbias = custom_ops.dense_bwd(
+            return custom_ops.sigmoid_attn_dense_bwd(
                 do, q.detach(), k.detach(), v.detach(), _per_head_bias(bias, hq, q.device).detach(), scale,
                 causal, window[0], window[1], alibi, deterministic, sigmoid_impl, need_dbias,
             )
-            return dq, dk, dv, (dbias if need_dbias else None)
         case _:
             # The reference has no hand-written backward: autograd through it (it recomputes its scores per
             # chunk anyway, to bound memory). It is the oracle and the CPU path, not the fast one.
@@ -387,8 +403,7 @@ def sigmoid_attn_varlen_func(
         case "triton":
             if q.numel() == 0 or k.shape[0] == 0:
                 return _empty_attention(q, k, v, 0.0 if bias is None else bias)
-            from sigattn.ops import custom_ops
-
+            custom_ops = _custom_ops()
             batch = len(cu_q) - 1
             if alibi is not None:
                 alibi = alibi.expand(batch, hq).contiguous()
@@ -671,6 +686,18 @@ def scaled_dot_product_sigmoid_attention(
     Returns:
         (batch, nheads, seqlen_q, headdim), dtype of query.
     """
+    # One memo entry per signature of the dense form (no attn_mask): its checks below and the dense ones, with q/k/v
+    # names in the head checks' messages as when this function called sigmoid_attn_func.
+    sig = None
+    if attn_mask is None:
+        dense_key = dense_signature(query, key, value, bias, scale, is_causal, (-1, -1), None, False, sigmoid_impl,
+                                    backend, enable_gqa, dropout_p)
+        sig = None if dense_key is None else ("sdpa", dense_key)
+    memo = checked(sig)
+    if memo is not None:
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        args = from_memo(memo, bias, scale, None)
+        return _dense_attention(q, k, v, args, is_causal, False, sigmoid_impl, backend).transpose(1, 2)
     check_tensor("query", query, 4, "(batch, nheads, seqlen_q, headdim)")
     check_tensor("key", key, 4, "(batch, nheads_k, seqlen_k, headdim)")
     check_tensor("value", value, 4, "(batch, nheads_k, seqlen_k, headdim)")
@@ -689,13 +716,13 @@ def scaled_dot_product_sigmoid_attention(
         if is_causal:
             raise ValueError("attn_mask and is_causal cannot be used together (as SDPA)")
         _check_attn_mask(attn_mask, query, key)
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     dense = attn_mask is None and dropout_p == 0.0 and (not is_causal or sq == sk)
     if dense:
-        out = sigmoid_attn_func(
-            q, k, v, bias=bias, scale=scale, causal=is_causal, sigmoid_impl=sigmoid_impl, backend=backend
-        )
-        return out.transpose(1, 2)
+        # q/k/v passed check_tensor and check_same above as query/key/value: only check_dense_args is left.
+        args = check_dense_args(q, k, v, bias, scale, is_causal, (-1, -1), None, False, sigmoid_impl, backend)
+        remember(sig, memo_of(args, bias, scale))
+        return _dense_attention(q, k, v, args, is_causal, False, sigmoid_impl, backend).transpose(1, 2)
     hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "query,key,value")
     scale = check_scale(scale, d)
     bias = check_bias(bias, hq, query.device, -math.log(sk) if sk > 0 else 0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 import triton
 import triton.language as tl
@@ -517,12 +519,11 @@ def dense_bwd(
     the eager autograd path discards it, and a zero fill would cost a launch."""
     if (_gluon_bwd_form(deterministic, configs, use_tma, fused_dq, alibi_slopes, window_left, window_right, causal)
             and bias.dim() <= 1 and _gluon_bwd_ready(q)):
-        from sigattn.ops.gluon_backward import gluon_bwd_supports, gluon_dense_bwd
-
+        gluon = _gluon_backward()
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
-        if gluon_bwd_supports(do, q, k, v) is None:
-            return gluon_dense_bwd(do, q, k, v, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias,
-                                   checked=True)
+        if gluon.gluon_bwd_supports(do, q, k, v) is None:
+            return gluon.gluon_dense_bwd(do, q, k, v, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias,
+                                         checked=True)
     return launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
                       sigmoid_impl, configs, use_tma, need_dbias, fused_dq, None)
 
@@ -534,6 +535,21 @@ def _gluon_bwd_form(deterministic: bool, configs: tuple[AttnConfig, AttnConfig] 
     window other than the causal one."""
     return (not deterministic and configs is None and use_tma is None and fused_dq is None and alibi_slopes is None
             and window_left < 0 and (window_right < 0 or causal))
+
+
+_gluon_backward_module: ModuleType | None = None
+
+
+def _gluon_backward() -> ModuleType:
+    """sigattn.ops.gluon_backward, imported on the first Gluon dispatch (GPU-only) and kept: a function-level
+    `from ... import` of two names cost ~0.7 µs per backward (CPU). Its functions are looked up per call, so patched
+    ones are seen."""
+    global _gluon_backward_module
+    if _gluon_backward_module is None:
+        from sigattn.ops import gluon_backward
+
+        _gluon_backward_module = gluon_backward
+    return _gluon_backward_module
 
 
 def _gluon_bwd_ready(q: torch.Tensor) -> bool:
@@ -595,11 +611,10 @@ def varlen_bwd(
     it; a zero fill would cost a launch)."""
     if (_gluon_bwd_form(deterministic, configs, use_tma, fused_dq, alibi_slopes, window_left, window_right, causal)
             and bias.dim() <= 2 and gluon_varlen_enabled() and _gluon_bwd_ready(q)):
-        from sigattn.ops.gluon_backward import gluon_varlen_bwd, gluon_varlen_bwd_supports
-
+        gluon = _gluon_backward()
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
-        if gluon_varlen_bwd_supports(do, q, k, v, varlen.cu_seqlens_q.numel() - 1) is None:
-            return gluon_varlen_bwd(do, q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q,
+        if gluon.gluon_varlen_bwd_supports(do, q, k, v, varlen.cu_seqlens_q.numel() - 1) is None:
+            return gluon.gluon_varlen_bwd(do, q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q,
                                     varlen.max_seqlen_k, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias)
     return launch_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic,
                       sigmoid_impl, configs, use_tma, need_dbias, fused_dq, varlen)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass, replace
+from types import ModuleType
 
 import torch
 
@@ -385,21 +386,31 @@ def set_gluon_varlen(enabled: bool) -> None:
     _gluon_varlen = enabled
 
 
+# Imported on the first launch (configs imports without Triton; fast_launch imports configs), then kept: the two
+# function-level imports cost ~1.3 µs per launch (CPU). fast_launch.launch is looked up per call, so a patched one
+# is seen.
+_fast_launch: ModuleType | None = None
+_out_of_resources: type[Exception] | None = None  # set before _fast_launch (one tuple assignment, in that order)
+
+
 def launch_fitting(kernel, grid: tuple[int, ...], *args, num_stages: int, **kwargs) -> tuple[object, int]:
     """kernel[grid](*args, num_stages=num_stages, **kwargs), retried with one pipeline stage fewer each time Triton
     reports that the compiled kernel needs more shared memory than the GPU has. A safety net, not the plan: the sm_90
     defaults are checked against the launch's own compile (tests/ops/test_configs.py; the fp32 configs once asked for
     262 KB of the 227 KB). Triton raises before the launch, so nothing was written. Returns (fast_launch.launch's
     result, the stages that launched)."""
-    from triton.runtime.errors import OutOfResources
+    global _fast_launch, _out_of_resources
+    if _fast_launch is None:
+        from triton.runtime.errors import OutOfResources
 
-    from sigattn.ops.fast_launch import launch
+        from sigattn.ops import fast_launch
 
+        _out_of_resources, _fast_launch = OutOfResources, fast_launch
     stages = num_stages  # launched as given first: a config's 0 (or less) is Triton's to take or refuse
     while True:
         try:
-            return launch(kernel, grid, *args, num_stages=stages, **kwargs), stages
-        except OutOfResources:
+            return _fast_launch.launch(kernel, grid, *args, num_stages=stages, **kwargs), stages
+        except _out_of_resources:  # type: ignore[misc]
             stages -= 1
             if stages < 1:
                 raise

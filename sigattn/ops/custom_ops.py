@@ -137,6 +137,36 @@ def sigmoid_attn_dense(
     )
 
 
+def sigmoid_attn_dense_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    alibi_slopes: torch.Tensor | None,
+    deterministic: bool,
+    sigmoid_impl: str,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The dense backward through the custom op sigattn::dense_bwd (arguments validated by sigattn.ops.api; q, k, v,
+    bias detached), with dbias None when not need_dbias. Eager calls go to the op's own dispatch function directly,
+    as `sigmoid_attn_dense` does for the forward: the op's dispatch cost ~45 µs of host time per call (CPU, fast
+    launch off, bench/NOTES.md "Host path v5"), and both run `backward.dense_bwd` on the same arguments. A `do` that
+    requires grad under grad mode takes the op, whose outputs then carry its autograd-not-implemented node."""
+    if _eager(do, q, k, v, bias, alibi_slopes) and not (do.requires_grad and torch.is_grad_enabled()):
+        return backward.dense_bwd(do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes,
+                                  deterministic, sigmoid_impl, need_dbias)
+    dq, dk, dv, dbias = dense_bwd(
+        do, q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, deterministic, sigmoid_impl,
+        need_dbias,
+    )
+    return dq, dk, dv, (dbias if need_dbias else None)
+
+
 class _DenseFn(torch.autograd.Function):
     """Eager twin of sigattn::dense_fwd with its registered autograd (same launchers, same saved tensors)."""
 

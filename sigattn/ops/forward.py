@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -416,12 +417,26 @@ def sigmoid_attn_fwd(
     window or ALiBi) unless a config or TMA choice is forced or configs.set_gluon_forward(False)."""
     if (config is None and use_tma is None and alibi_slopes is None and window_left < 0
             and (window_right < 0 or causal) and _gluon_ready(q)):
-        from sigattn.ops.gluon_forward import gluon_dense_fwd, gluon_supports
-
-        if gluon_supports(q, k, v) is None:
-            return gluon_dense_fwd(q, k, v, bias, scale, causal, sigmoid_impl, checked=True)
+        gluon = _gluon_forward()
+        if gluon.gluon_supports(q, k, v) is None:
+            return gluon.gluon_dense_fwd(q, k, v, bias, scale, causal, sigmoid_impl, checked=True)
     return _launch_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl,
                        config, use_tma, None)
+
+
+_gluon_forward_module: ModuleType | None = None
+
+
+def _gluon_forward() -> ModuleType:
+    """sigattn.ops.gluon_forward, imported on the first Gluon dispatch (GPU-only) and kept: a function-level
+    `from ... import` of two names cost ~0.7 µs per forward (CPU). Its functions are looked up per call, so patched
+    ones are seen."""
+    global _gluon_forward_module
+    if _gluon_forward_module is None:
+        from sigattn.ops import gluon_forward
+
+        _gluon_forward_module = gluon_forward
+    return _gluon_forward_module
 
 
 def _gluon_ready(q: torch.Tensor) -> bool:
@@ -454,10 +469,9 @@ def sigmoid_attn_varlen_fwd(
     Gluon (`sigmoid_attn_fwd`), under the same switch, when the experimental configs.set_gluon_varlen is on."""
     if (config is None and use_tma is None and alibi_slopes is None and window_left < 0
             and (window_right < 0 or causal) and gluon_varlen_enabled() and _gluon_ready(q)):
-        from sigattn.ops.gluon_forward import gluon_varlen_fwd, gluon_varlen_supports
-
-        if gluon_varlen_supports(q, k, v) is None:
-            return gluon_varlen_fwd(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q,
+        gluon = _gluon_forward()
+        if gluon.gluon_varlen_supports(q, k, v) is None:
+            return gluon.gluon_varlen_fwd(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q,
                                     varlen.max_seqlen_k, bias, scale, causal, sigmoid_impl)
     return _launch_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl,
                        config, use_tma, varlen)

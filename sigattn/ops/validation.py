@@ -233,3 +233,142 @@ def check_max_seqlen(name: str, value: object, cu: Sequence[int]) -> int:
     if value < longest:
         raise ValueError(f"{name} ({value}) is smaller than the longest sequence in its cu_seqlens ({longest})")
     return value
+
+
+# Per-signature memo of passed checks. The dense checks are pure functions of the arguments' types, the tensors'
+# dtypes, devices and shapes, and the Python scalars' values (never of tensor values, strides or requires_grad), so a
+# key made of exactly those says the checks passed before and would pass again. A call whose key is new, or that has
+# no key, runs every check; a call that raises is never remembered. ~1.1 µs to build and look up a dense key vs
+# ~4 µs for check_tensor x3 + check_same + the dense argument checks (CPU, bench/NOTES.md "Host path v5").
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+# Exact types only: their (type, value) pairs hash and compare as the checks see them (True is not 1 here because the
+# type is part of the key; -0.0 and 0.0 share a key, and every check treats them alike).
+_SCALARS = frozenset({type(None), bool, int, float, str})
+_CHECKED: dict[tuple[object, ...], tuple[object, ...]] = {}
+CHECKED_SIZE = 256
+
+
+def dense_signature(
+    q: object, k: object, v: object, bias: object, scale: object, causal: object, window_size: object,
+    alibi_slopes: object, deterministic: object, *choices: object,
+) -> tuple[object, ...] | None:
+    """The memo key of the dense checks (check_tensor x3, check_same, check_dense_args): q/k/v/bias/alibi dtypes,
+    devices and shapes; bias's and alibi's types; the scalars' types and values (`choices`: sigmoid_impl, backend and
+    whatever else a caller's checks read). None where a check could read more: a tensor subclass (fake, functional
+    and wrapper tensors may answer differently), a scalar of another type, a window that is not a pair. Written out
+    flat: ~1.5 µs, where generic per-argument helpers cost ~2.3."""
+    if torch.compiler.is_compiling():  # the trace runs every check (and keeps no key in its guards)
+        return None
+    plain, scalars = _PLAIN_TENSORS, _SCALARS
+    if type(q) not in plain or type(k) not in plain or type(v) not in plain:
+        return None
+    tw = type(window_size)
+    if (tw is not tuple and tw is not list) or len(window_size) != 2:  # type: ignore[arg-type]
+        return None
+    left, right = window_size  # type: ignore[misc]
+    types = (type(scale), type(causal), type(left), type(right), type(deterministic), *map(type, choices))
+    for t in types:
+        if t not in scalars:
+            return None
+    tb = type(bias)
+    if tb in plain:
+        bias = (bias.dtype, bias.device, bias.shape)  # type: ignore[attr-defined]
+    elif tb not in scalars:
+        return None
+    ta = type(alibi_slopes)
+    if ta in plain:
+        alibi_slopes = (alibi_slopes.dtype, alibi_slopes.device, alibi_slopes.shape)  # type: ignore[attr-defined]
+    elif alibi_slopes is not None:
+        return None
+    return (q.dtype, q.device, q.shape, k.dtype, k.device, k.shape, v.dtype, v.device, v.shape,  # type: ignore
+            tb, bias, ta, alibi_slopes, types, scale, causal, left, right, deterministic, *choices)
+
+
+def checked(key: tuple[object, ...] | None) -> tuple[object, ...] | None:
+    """What `remember` stored for a call whose checks passed with this key, or None (run the checks). Nothing is
+    cached while torch.compile traces: the trace must see the checks, not a global dict."""
+    if key is None or torch.compiler.is_compiling():
+        return None
+    return _CHECKED.get(key)
+
+
+def remember(key: tuple[object, ...] | None, value: tuple[object, ...]) -> None:
+    """Record that the checks of `key` passed, with the shape-derived results `value`. At most CHECKED_SIZE keys
+    (then the memo starts over: a model has a handful of signatures; clear() is safe against a concurrent get)."""
+    if key is None or torch.compiler.is_compiling():
+        return
+    if len(_CHECKED) >= CHECKED_SIZE:
+        _CHECKED.clear()
+    _CHECKED[key] = value
+
+
+def clear_checked() -> None:
+    _CHECKED.clear()
+
+
+# (batch, nheads_q, seqlen_k, scale, bias, window, alibi) with the defaults filled in.
+DenseArgs = tuple[int, int, int, float, float | torch.Tensor, tuple[int, int], torch.Tensor | None]
+
+
+def check_dense_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: object, scale: object, causal: object,
+    window_size: object, alibi_slopes: object, deterministic: object, sigmoid_impl: object, backend: object,
+) -> DenseArgs:
+    """The dense form's argument checks after the tensors' own (shared by the function and its backward):
+    (batch, nheads_q, seqlen_k, scale, bias, window, alibi) with the defaults filled in."""
+    b = q.shape[0]
+    check_batch_and_seqlen(q.shape, k.shape, v.shape, 1, "q,k,v")
+    hq, _, d = check_qkv_heads(q.shape, k.shape, v.shape, 2, "q,k,v")
+    sk = k.shape[1]
+    scale = check_scale(scale, d)
+    bias = check_bias(bias, hq, q.device, -math.log(sk) if sk > 0 else 0.0)
+    window = check_window(window_size, causal)
+    alibi = check_alibi(alibi_slopes, b, hq, q.device)
+    check_flag("deterministic", deterministic)
+    check_choice("sigmoid_impl", sigmoid_impl, SIGMOID_IMPLS)
+    check_choice("backend", backend, BACKENDS)
+    return b, hq, sk, scale, bias, window, alibi
+
+
+def memo_of(args: DenseArgs, bias: object, scale: object) -> tuple[object, ...]:
+    """What a memo hit cannot recompute from the call's own arguments: the shape-derived parts of `args` (batch,
+    nheads_q, seqlen_k, window) and the defaults that replaced a None scale / bias (functions of head dim and
+    seqlen_k, both in the key)."""
+    b, hq, sk, scale_r, bias_r, window, _ = args
+    return b, hq, sk, scale_r if scale is None else None, bias_r if bias is None else None, window
+
+
+def from_memo(memo: tuple[object, ...], bias: object, scale: object, alibi_slopes: object) -> DenseArgs:
+    """`check_dense_args`'s result for a call whose signature passed before: what check_scale / check_bias /
+    check_alibi return for arguments of the types in the key (a float scale or bias as float, a tensor bias as
+    itself, slopes as float32: tensor values are read per call, never cached)."""
+    b, hq, sk, scale_r, bias_r, window = memo
+    return (
+        b, hq, sk,  # type: ignore[return-value]
+        scale_r if scale is None else float(scale),  # type: ignore[arg-type]
+        bias_r if bias is None else (bias if isinstance(bias, torch.Tensor) else float(bias)),  # type: ignore
+        window,
+        None if alibi_slopes is None else alibi_slopes.float(),  # type: ignore[union-attr]
+    )
+
+
+def check_dense_call(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: object, scale: object, causal: object,
+    window_size: object, alibi_slopes: object, deterministic: object, sigmoid_impl: object, backend: object,
+) -> DenseArgs:
+    """sigmoid_attn_func's checks (its tensors', then `check_dense_args`), skipped for a signature that passed
+    before (dense_signature: ~1.5 µs against ~4 µs of checks per call). A failing call raises before
+    `remember`, so every bad input raises its error on every call."""
+    key = dense_signature(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl,
+                          backend)
+    memo = checked(key)
+    if memo is not None:
+        return from_memo(memo, bias, scale, alibi_slopes)
+    check_tensor("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    check_tensor("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_tensor("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_same({"q": q, "k": k, "v": v})
+    args = check_dense_args(q, k, v, bias, scale, causal, window_size, alibi_slopes, deterministic, sigmoid_impl,
+                             backend)
+    remember(key, memo_of(args, bias, scale))
+    return args

@@ -10,11 +10,12 @@ import torch
 import sigattn
 from sigattn import (
     scaled_dot_product_sigmoid_attention,
+    sigmoid_attn_backward,
     sigmoid_attn_func,
     sigmoid_attn_varlen_func,
     sigmoid_attn_with_kvcache,
 )
-from sigattn.ops import api, reference
+from sigattn.ops import api, reference, validation
 
 
 def qkv(b=2, sq=5, sk=7, h=4, hk=2, d=8, dtype=torch.float32):
@@ -83,6 +84,109 @@ def test_bias_on_wrong_device():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="bias must be on"):
         sigmoid_attn_func(q, k, v, bias=torch.zeros(4, device="meta"))
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except (TypeError, ValueError) as e:
+        return type(e), str(e)
+    raise AssertionError("no error raised")
+
+
+def _warm_memo():
+    """Good calls of every checked form with qkv()/sdpa_qkv() shapes, so their signatures are in the memo."""
+    q, k, v = qkv()
+    sigmoid_attn_func(q, k, v)
+    sigmoid_attn_backward(torch.randn_like(q), q, k, v)
+    scaled_dot_product_sigmoid_attention(*sdpa_qkv())
+
+
+@pytest.mark.parametrize("make, exc, msg", [c[1:] for c in BAD_DENSE], ids=[c[0] for c in BAD_DENSE])
+def test_check_memo_never_hides_an_error(make, exc, msg):
+    """The same error, word for word, with the memo empty, after good calls of the same shapes, and again (a failing
+    call is never remembered); sigmoid_attn_backward runs the same dense checks."""
+    args, kwargs = make(*qkv())
+    validation.clear_checked()
+    cold = _error_of(lambda: sigmoid_attn_func(*args, **kwargs))
+    assert cold[0] is exc
+    _warm_memo()
+    assert _error_of(lambda: sigmoid_attn_func(*args, **kwargs)) == cold
+    assert _error_of(lambda: sigmoid_attn_func(*args, **kwargs)) == cold
+    if isinstance(args[0], torch.Tensor) and args[0].dim() == 4 and args[0].is_floating_point():
+        do = torch.randn(args[0].shape[:-1] + args[2].shape[-1:])
+        assert _error_of(lambda: sigmoid_attn_backward(do.to(args[0].dtype), *args, **kwargs)) == cold
+
+
+def test_check_memo_keeps_results_and_skips_checks(monkeypatch):
+    """Memo hits give the same outputs and gradients as checked calls (tensor values are read per call), without
+    running the checks again."""
+    q, k, v = qkv(dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    forms = [{}, {"bias": 0.5, "scale": 0.3}, {"bias": bias, "causal": True}, {"alibi_slopes": torch.rand(2, 4)},
+             {"window_size": [2, 1], "bias": -1}]
+    validation.clear_checked()
+    first = [sigmoid_attn_func(q, k, v, **kw) for kw in forms]
+    grad = torch.autograd.grad(first[2].sum(), bias)[0]
+    calls = []
+    real = validation.check_dense_args
+    for module in (api, validation):
+        monkeypatch.setattr(module, "check_dense_args", lambda *a: calls.append(1) or real(*a))
+    again = [sigmoid_attn_func(q, k, v, **kw) for kw in forms]
+    assert calls == []
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert torch.equal(torch.autograd.grad(again[2].sum(), bias)[0], grad)
+    with torch.no_grad():
+        bias.add_(1.0)  # a new value under the same signature is read, not cached
+    torch.testing.assert_close(sigmoid_attn_func(q, k, v, bias=bias, causal=True),
+                               reference.sigmoid_attn(q, k, v, scale=8**-0.5, bias=bias, causal=True))
+    v2 = v + 1  # same signature, other values
+    torch.testing.assert_close(sigmoid_attn_func(q, k, v2),
+                               reference.sigmoid_attn(q, k, v2, scale=8**-0.5, bias=-math.log(7)))
+    assert calls == []
+    sigmoid_attn_func(q, k, v, bias=0.25)  # a new scalar value is a new signature: checked once
+    assert calls == [1]
+
+
+def test_check_memo_signature_and_bound():
+    """No key (every check runs) for tensor subclasses, scalars of other types and windows that are not pairs; the
+    memo never holds more than CHECKED_SIZE keys."""
+    q, k, v = qkv()
+    sig = validation.dense_signature
+    assert sig(q, k, v, None, None, False, (-1, -1), None, False, "fast", "auto") is not None
+    assert sig(q, k, v, None, None, False, [-1, -1], None, False, "fast", "auto") is not None
+    assert sig(torch.nn.Parameter(q), k, v, torch.nn.Parameter(torch.zeros(4)), None, False, (-1, -1), None, False,
+               "fast", "auto") is not None
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert sig(q.as_subclass(Sub), k, v, None, None, False, (-1, -1), None, False, "fast", "auto") is None
+    assert sig(q, k, v, None, torch.tensor(1.0), False, (-1, -1), None, False, "fast", "auto") is None
+    assert sig(q, k, v, None, None, False, (-1, -1, 0), None, False, "fast", "auto") is None
+    assert sig(q, k, v, None, None, False, (-1, -1), None, False, "fast", ("auto",)) is None
+    # True and 1 are one dict key; the types in the key keep them apart (causal=1 must still raise).
+    assert sig(q, k, v, None, None, True, (-1, -1), None, False, "fast", "auto") != sig(
+        q, k, v, None, None, 1, (-1, -1), None, False, "fast", "auto")
+    validation.clear_checked()
+    for i in range(validation.CHECKED_SIZE + 3):
+        validation.remember(("test", i), ())
+        assert len(validation._CHECKED) <= validation.CHECKED_SIZE
+    validation.clear_checked()
+
+
+def test_public_functions_compile_fullgraph():
+    """The memo stays out of torch.compile's trace (no key, no graph break): the traced call runs every check."""
+    q, k, v = (t.requires_grad_() for t in qkv(h=2, hk=2, d=16))
+
+    def f(q, k, v):
+        dense = sigmoid_attn_func(q, k, v, causal=True, bias=-1.0)
+        sdpa = scaled_dot_product_sigmoid_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        return dense.sum() + sdpa.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
 
 
 # --------------------------------------------------------------------------- dense: semantics
@@ -385,6 +489,69 @@ BAD_SDPA = [
     ("dropout", lambda q, k, v: ((q, k, v), {"dropout_p": 1.0}), ValueError, "dropout_p must be"),
     ("rank", lambda q, k, v: ((q[0], k, v), {}), ValueError, "query must have 4 dims"),
 ]
+
+
+# The dense form's checks, reached through the SDPA-style function: the messages name q, k, v (as they did when it
+# called sigmoid_attn_func) where the head checks fail, and query, key, value where its own checks fail.
+BAD_SDPA_DENSE = [
+    ("int dtype", lambda q, k, v: ((q.long(), k, v), {}), TypeError,
+     "query must be float16, bfloat16, float32 or float64; got int64"),
+    ("mixed dtype", lambda q, k, v: ((q, k.double(), v), {}), TypeError,
+     "query and key must share one dtype; got query float32, key float64"),
+    ("not a tensor", lambda q, k, v: ((q, k.numpy(), v), {}), TypeError,
+     "key must be a torch.Tensor of shape (batch, nheads_k, seqlen_k, headdim); got ndarray"),
+    ("head dims", lambda q, k, v: ((q, k[..., :4], v), {}), ValueError,
+     "q, k and v must share one head dim; got q 8, k 4, v 8"),
+    ("head dim 0", lambda q, k, v: ((q[..., :0], k[..., :0], v[..., :0]), {}), ValueError,
+     "q head dim must be positive; got shape (2, 6, 4, 0)"),
+    ("kv heads", lambda q, k, v: ((q, k, v[:, :2]), {"enable_gqa": True}), ValueError,
+     "k and v must have the same number of heads; got 4 and 2"),
+    ("gqa multiple", lambda q, k, v: ((q[:, :3], k[:, :2], v[:, :2]), {"enable_gqa": True}), ValueError,
+     "nheads of q (3) must be a positive multiple of nheads of k/v (2) (GQA/MQA rule)"),
+    ("batch", lambda q, k, v: ((q, k[:1], v[:1]), {}), ValueError,
+     "query, key and value must share one batch size; got 2, 1, 1"),
+    ("bias shape", lambda q, k, v: ((q, k, v), {"bias": torch.zeros(3)}), ValueError,
+     "bias tensor must have shape () or (nheads,) = (4,); got (3,)"),
+    ("bias nan", lambda q, k, v: ((q, k, v), {"bias": math.nan}), ValueError, "bias must be finite; got nan"),
+    ("scale type", lambda q, k, v: ((q, k, v), {"scale": "1"}), TypeError, "scale must be a float or None; got str"),
+    ("causal type", lambda q, k, v: ((q, k, v), {"is_causal": 1}), TypeError, "is_causal must be a bool; got int"),
+    ("gqa type", lambda q, k, v: ((q, k, v), {"enable_gqa": 1}), TypeError, "enable_gqa must be a bool; got int"),
+    ("dropout type", lambda q, k, v: ((q, k, v), {"dropout_p": True}), ValueError,
+     "dropout_p must be a float in [0, 1); got True"),
+    ("impl", lambda q, k, v: ((q, k, v), {"sigmoid_impl": "slow"}), ValueError,
+     "sigmoid_impl must be one of 'fast', 'accurate'; got 'slow'"),
+    ("backend", lambda q, k, v: ((q, k, v), {"backend": "cuda"}), ValueError,
+     "backend must be one of 'auto', 'reference', 'triton'; got 'cuda'"),
+]
+
+
+@pytest.mark.parametrize("make, exc, msg", [c[1:] for c in BAD_SDPA_DENSE], ids=[c[0] for c in BAD_SDPA_DENSE])
+def test_sdpa_form_dense_errors_word_for_word(make, exc, msg):
+    """Exact messages, with the memo empty and after good calls of the same shapes (and again)."""
+    args, kwargs = make(*sdpa_qkv())
+    validation.clear_checked()
+    assert _error_of(lambda: scaled_dot_product_sigmoid_attention(*args, **kwargs)) == (exc, msg)
+    _warm_memo()
+    for _ in range(2):
+        assert _error_of(lambda: scaled_dot_product_sigmoid_attention(*args, **kwargs)) == (exc, msg)
+
+
+def test_sdpa_form_checks_once_and_matches_dense(monkeypatch):
+    """The dense SDPA-style call runs the dense checks once (not again through sigmoid_attn_func), once per
+    signature, and returns sigmoid_attn_func's result, transposed."""
+    q, k, v = sdpa_qkv(hk=2)
+    validation.clear_checked()
+    calls = []
+    real = validation.check_dense_args
+    for module in (api, validation):
+        monkeypatch.setattr(module, "check_dense_args", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(api, "sigmoid_attn_func", None)  # never called from here
+    outs = [scaled_dot_product_sigmoid_attention(q, k, v, enable_gqa=True, is_causal=True, bias=-0.5)
+            for _ in range(3)]
+    assert calls == [1]
+    want = sigmoid_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, bias=-0.5)
+    for out in outs:
+        assert torch.equal(out, want.transpose(1, 2))
 
 
 @pytest.mark.parametrize("make, exc, msg", [c[1:] for c in BAD_SDPA], ids=[c[0] for c in BAD_SDPA])

@@ -90,6 +90,26 @@ def test_eager_path_equals_custom_op_bitwise(need_bias_grad, device):
         assert torch.equal(custom_ops.sigmoid_attn_dense(q, k, v, bias, *args), want)
 
 
+@pytest.mark.parametrize("need_dbias", [True, False])
+def test_eager_backward_equals_custom_op_bitwise(need_dbias, device, monkeypatch):
+    """sigmoid_attn_dense_bwd (sigmoid_attn_backward's Triton path) skips the op's dispatch for eager calls: every
+    output equals the op's bit for bit (dbias None when not need_dbias); a do that requires grad takes the op."""
+    q, k, v, bias, slopes = _inputs(device, alibi=True, requires_grad=False)
+    do = torch.randn_like(q)
+    args = (do, q, k, v, bias, 0.25, True, 7, 0, slopes, False, "accurate", need_dbias)
+    want = torch.ops.sigattn.dense_bwd(*args)
+    calls = []
+    real = custom_ops.dense_bwd
+    monkeypatch.setattr(custom_ops, "dense_bwd", lambda *a: calls.append(1) or real(*a))
+    got = custom_ops.sigmoid_attn_dense_bwd(*args)
+    assert calls == []
+    for a, b in zip(got[:3], want[:3]):
+        assert torch.equal(a, b)
+    assert torch.equal(got[3], want[3]) if need_dbias else got[3] is None
+    custom_ops.sigmoid_attn_dense_bwd(do.requires_grad_(), *args[1:])
+    assert calls == [1]
+
+
 def test_traced_or_moded_calls_take_the_custom_op(device):
     """Fake tensors, dispatch modes and functorch transforms see the custom op (its fake impl), not the eager path."""
     from torch._subclasses.fake_tensor import FakeTensorMode
