@@ -6,11 +6,11 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 
 from sigattn.ops import reference
+from sigattn.ops.configs import lazy_module
 from sigattn.ops.validation import (
     BACKENDS,
     SIGMOID_IMPLS,
@@ -82,20 +82,6 @@ def _resolve_backend(backend: str, device: torch.device, triton_gap: str | None)
             usable = device.type == "cuda" and _triton_unavailable(device) is None and triton_gap is None
             return "triton" if usable else "reference"
     raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
-
-
-_custom_ops_module: ModuleType | None = None
-
-
-def _custom_ops() -> ModuleType:
-    """sigattn.ops.custom_ops, imported on the first Triton call (it imports Triton, which the reference path must
-    not need) and kept: a function-level import per call cost ~0.3 µs (CPU)."""
-    global _custom_ops_module
-    if _custom_ops_module is None:
-        from sigattn.ops import custom_ops
-
-        _custom_ops_module = custom_ops
-    return _custom_ops_module
 
 
 def _dense_triton_gap(q: torch.Tensor, alibi_slopes: torch.Tensor | None) -> str | None:
@@ -221,7 +207,7 @@ def _dense_attention(
         return _empty_attention(q, k, v, bias)
     match backend:
         case "triton":
-            custom_ops = _custom_ops()
+            custom_ops = lazy_module("sigattn.ops.custom_ops")
             if alibi is not None:
                 alibi = alibi.expand(b, hq).contiguous()
             return custom_ops.sigmoid_attn_dense(
@@ -294,7 +280,7 @@ def sigmoid_attn_backward(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     match backend:
         case "triton":
-            custom_ops = _custom_ops()
+            custom_ops = lazy_module("sigattn.ops.custom_ops")
             if alibi is not None:
                 alibi = alibi.detach().expand(b, hq).contiguous()
             return custom_ops.sigmoid_attn_dense_bwd(
@@ -403,7 +389,7 @@ def sigmoid_attn_varlen_func(
         case "triton":
             if q.numel() == 0 or k.shape[0] == 0:
                 return _empty_attention(q, k, v, 0.0 if bias is None else bias)
-            custom_ops = _custom_ops()
+            custom_ops = lazy_module("sigattn.ops.custom_ops")
             batch = len(cu_q) - 1
             if alibi is not None:
                 alibi = alibi.expand(batch, hq).contiguous()

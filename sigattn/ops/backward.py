@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 import triton
 import triton.language as tl
@@ -17,6 +15,7 @@ from sigattn.ops.configs import (
     gluon_varlen_enabled,
     interpreting,
     launch_fitting,
+    lazy_module,
     next_pow2,
     use_fused_dq,
 )
@@ -519,7 +518,7 @@ def dense_bwd(
     the eager autograd path discards it, and a zero fill would cost a launch."""
     if (_gluon_bwd_form(deterministic, configs, use_tma, fused_dq, alibi_slopes, window_left, window_right, causal)
             and bias.dim() <= 1 and _gluon_bwd_ready(q)):
-        gluon = _gluon_backward()
+        gluon = lazy_module("sigattn.ops.gluon_backward")
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
         if gluon.gluon_bwd_supports(do, q, k, v) is None:
             return gluon.gluon_dense_bwd(do, q, k, v, bias, scale, causal, sigmoid_impl, need_dbias=need_dbias,
@@ -535,21 +534,6 @@ def _gluon_bwd_form(deterministic: bool, configs: tuple[AttnConfig, AttnConfig] 
     window other than the causal one."""
     return (not deterministic and configs is None and use_tma is None and fused_dq is None and alibi_slopes is None
             and window_left < 0 and (window_right < 0 or causal))
-
-
-_gluon_backward_module: ModuleType | None = None
-
-
-def _gluon_backward() -> ModuleType:
-    """sigattn.ops.gluon_backward, imported on the first Gluon dispatch (GPU-only) and kept: a function-level
-    `from ... import` of two names cost ~0.7 µs per backward (CPU). Its functions are looked up per call, so patched
-    ones are seen."""
-    global _gluon_backward_module
-    if _gluon_backward_module is None:
-        from sigattn.ops import gluon_backward
-
-        _gluon_backward_module = gluon_backward
-    return _gluon_backward_module
 
 
 def _gluon_bwd_ready(q: torch.Tensor) -> bool:
@@ -611,7 +595,7 @@ def varlen_bwd(
     it; a zero fill would cost a launch)."""
     if (_gluon_bwd_form(deterministic, configs, use_tma, fused_dq, alibi_slopes, window_left, window_right, causal)
             and bias.dim() <= 2 and gluon_varlen_enabled() and _gluon_bwd_ready(q)):
-        gluon = _gluon_backward()
+        gluon = lazy_module("sigattn.ops.gluon_backward")
         do = do.contiguous()  # `out.sum().backward()` hands in a stride-0 expand; TMA needs packed rows
         if gluon.gluon_varlen_bwd_supports(do, q, k, v, varlen.cu_seqlens_q.numel() - 1) is None:
             return gluon.gluon_varlen_bwd(do, q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q,

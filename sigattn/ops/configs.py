@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass, replace
 from types import ModuleType
@@ -384,6 +385,19 @@ def set_gluon_varlen(enabled: bool) -> None:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool; got {type(enabled).__name__}")
     _gluon_varlen = enabled
+
+
+_lazy_modules: dict[str, ModuleType] = {}
+
+
+def lazy_module(name: str) -> ModuleType:
+    """Module `name`, imported on first use and kept: for modules a hot path must not import at start-up (Triton's
+    for the reference path, Gluon's off sm_90). A function-level `from ... import` per call cost 0.3-0.7 µs (CPU);
+    callers look the module's functions up per call, so patched ones are seen."""
+    module = _lazy_modules.get(name)
+    if module is None:
+        module = _lazy_modules[name] = importlib.import_module(name)
+    return module
 
 
 # Imported on the first launch (configs imports without Triton; fast_launch imports configs), then kept: the two

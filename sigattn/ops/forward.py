@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -20,6 +19,7 @@ from sigattn.ops.configs import (
     gluon_varlen_enabled,
     interpreting,
     launch_fitting,
+    lazy_module,
     next_pow2,
 )
 from sigattn.ops.fast_launch import Replay
@@ -415,28 +415,20 @@ def sigmoid_attn_fwd(
 
     On sm_90 the Gluon kernel (gluon_forward.py) serves what it supports (bf16/fp16, D 64/128, packed heads, no
     window or ALiBi) unless a config or TMA choice is forced or configs.set_gluon_forward(False)."""
-    if (config is None and use_tma is None and alibi_slopes is None and window_left < 0
-            and (window_right < 0 or causal) and _gluon_ready(q)):
-        gluon = _gluon_forward()
+    if _gluon_fwd_form(config, use_tma, alibi_slopes, window_left, window_right, causal) and _gluon_ready(q):
+        gluon = lazy_module("sigattn.ops.gluon_forward")
         if gluon.gluon_supports(q, k, v) is None:
             return gluon.gluon_dense_fwd(q, k, v, bias, scale, causal, sigmoid_impl, checked=True)
     return _launch_fwd(q, k, v, bias, scale, causal, window_left, window_right, alibi_slopes, sigmoid_impl,
                        config, use_tma, None)
 
 
-_gluon_forward_module: ModuleType | None = None
-
-
-def _gluon_forward() -> ModuleType:
-    """sigattn.ops.gluon_forward, imported on the first Gluon dispatch (GPU-only) and kept: a function-level
-    `from ... import` of two names cost ~0.7 µs per forward (CPU). Its functions are looked up per call, so patched
-    ones are seen."""
-    global _gluon_forward_module
-    if _gluon_forward_module is None:
-        from sigattn.ops import gluon_forward
-
-        _gluon_forward_module = gluon_forward
-    return _gluon_forward_module
+def _gluon_fwd_form(config: AttnConfig | None, use_tma: bool | None, alibi_slopes: torch.Tensor | None,
+                    window_left: int, window_right: int, causal: bool) -> bool:
+    """Whether the call's form is one the Gluon forward computes: nothing forced, no ALiBi and no window other than
+    the causal one."""
+    return (config is None and use_tma is None and alibi_slopes is None and window_left < 0
+            and (window_right < 0 or causal))
 
 
 def _gluon_ready(q: torch.Tensor) -> bool:
@@ -467,9 +459,9 @@ def sigmoid_attn_varlen_fwd(
     (B, Hq), alibi_slopes fp32 (B, Hq) or None; causal/window bottom-right aligned per sequence.
     Returns o (total_q, Hq, D) in q's dtype. The Gluon kernel's VARLEN form serves what the dense dispatch sends to
     Gluon (`sigmoid_attn_fwd`), under the same switch, when the experimental configs.set_gluon_varlen is on."""
-    if (config is None and use_tma is None and alibi_slopes is None and window_left < 0
-            and (window_right < 0 or causal) and gluon_varlen_enabled() and _gluon_ready(q)):
-        gluon = _gluon_forward()
+    if (_gluon_fwd_form(config, use_tma, alibi_slopes, window_left, window_right, causal) and gluon_varlen_enabled()
+            and _gluon_ready(q)):
+        gluon = lazy_module("sigattn.ops.gluon_forward")
         if gluon.gluon_varlen_supports(q, k, v) is None:
             return gluon.gluon_varlen_fwd(q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q,
                                     varlen.max_seqlen_k, bias, scale, causal, sigmoid_impl)
